@@ -1,0 +1,54 @@
+"""The one `draftforge` command.
+
+Each subcommand lives in the module that owns its idea and exposes `add_arguments(parser)` and
+`run(args) -> int`. Only the chosen module is imported, so `draftforge --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the pipeline order shown by --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("draftforge.data.conversations", "normalise conversation data to JSONL, with a rejects file"),
+    "inspect": ("draftforge.data.inspect", "show a tokenised sample with its supervised tokens highlighted"),
+    "vocab": ("draftforge.data.vocab", "select the draft vocabulary (d2t / t2d) from assistant tokens"),
+    "train": ("draftforge.train.trainer", "train an EAGLE-3 draft (online target features)"),
+    "export": ("draftforge.export.formats", "export a checkpoint for SGLang / vLLM, or --check a draft dir"),
+    "eval": ("draftforge.eval.speculate", "measure acceptance length and speedup with the built-in decoder"),
+    "demo": ("draftforge.demo", "run the whole pipeline on SmolLM2-135M-Instruct and packaged ShareGPT"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    epilog = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="draftforge",
+        description="Train EAGLE-3 speculative-decoding drafts and export them for SGLang and vLLM.",
+        epilog="commands:\n" + epilog + "\n\nRun `draftforge COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv)  # prints help or a clear "invalid choice" error
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(
+        prog=f"draftforge {name}",
+        description=(module.__doc__ or COMMANDS[name][1]).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""One typed run config: a YAML file plus dotted overrides (`train.lr=3e-4`).
+
+Unknown keys are errors, not silently ignored: a typo in a recipe must not train with defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["sharegpt"])  # paths, or "sharegpt" (packaged)
+    max_rows: int | None = None  # cap on conversations taken from the sources
+    max_length: int = 2048  # tokens per sample; longer samples are truncated
+    system_prompt: str | None = None  # default system prompt when a conversation has none
+    last_turn_only: bool = False  # supervise only the last assistant turn
+    think: str = "mask"  # Qwen3-style empty <think></think> blocks: "mask" or "train"
+    eval_fraction: float = 0.02  # held-out share of samples for the eval split
+    num_workers: int | None = None  # tokenisation processes (default: all cores)
+
+
+@dataclass
+class TargetConfig:
+    path: str = "smollm2"  # HF directory or hub id; "smollm2" = the packaged SmolLM2-135M-Instruct
+    aux_layers: list[int] | None = None  # HF hidden_states indices; default [2, N//2, N-3]
+    dtype: str = "bfloat16"  # dtype of the target weights when training online
+    trust_remote_code: bool = False  # opt-in: loading a model may otherwise never run its code
+
+
+@dataclass
+class DraftConfig:
+    draft_vocab_size: int = 32000
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {intermediate_size: 4096}
+    init_from: str | None = None  # warm start from an exported draft directory
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/draft"
+    ttt_steps: int = 7
+    attention: str = "efficient"  # "efficient" (linear memory) or "reference" (dense oracle)
+    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    epochs: int | None = None  # if set, overrides max_steps
+    tokens_per_batch: int = 8192  # token budget per micro-batch (length-grouped, padding counted)
+    grad_accum: int = 1
+    clip_grad: float = 0.5
+    gradient_checkpointing: bool = False
+    eval_every: int = 200
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (default: all cores)
+    wandb: bool = False
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    text = str(hint)
+    if value is None or "Any" in text or "dict" in text:
+        return value
+    if "tuple" in text and isinstance(value, list):
+        return tuple(value)
+    if "list" in text and not isinstance(value, list):
+        raise ValueError(f"config {section}.{key}: expected a list, got {value!r}")
+    for kind in (bool, int, float, str):
+        if text.startswith(kind.__name__) or text == f"<class '{kind.__name__}'>":
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if kind is int and isinstance(value, float) and value.is_integer():
+                return int(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"config {section}.{key}: expected {kind.__name__}, got {value!r}")
+            return value
+    return value
+
+
+def _apply(config: RunConfig, tree: dict[str, Any], origin: str) -> None:
+    for section, values in tree.items():
+        if not hasattr(config, section) or not isinstance(values, dict):
+            raise ValueError(f"{origin}: unknown config section {section!r}")
+        target = getattr(config, section)
+        hints = get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                raise ValueError(f"{origin}: unknown key {section}.{key}")
+            setattr(target, key, _coerce(section, key, value, hints[key]))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from an optional YAML file and `section.key=value` overrides."""
+    config = RunConfig()
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        _apply(config, tree, str(path))
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(config, {section: {key: yaml.safe_load(raw)}}, f"override {item!r}")
+    return config
