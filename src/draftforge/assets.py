@@ -70,3 +70,8 @@ def smollm2_dir() -> Path:
     tmp.rename(out)
     (out / ".complete").touch()
     return out
+
+
+def resolve_model_path(path: str) -> str:
+    """Map the alias "smollm2" to the cached packaged model; pass any other path or hub id through."""
+    return str(smollm2_dir()) if path == "smollm2" else path
