@@ -1,0 +1,44 @@
+"""What a target gives the trainer, whichever way it was computed (live model or feature store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class TargetFeatures:
+    """Per-token target features for one batch.
+
+    aux: concat of the three tapped hidden states, [B, L, 3*H_t].
+    final_hidden: the last hidden state after the final norm, [B, L, H_t]; the teacher is
+    `final_hidden @ lm_head.T` (only draft-vocab rows are ever materialised).
+    """
+
+    aux: torch.Tensor
+    final_hidden: torch.Tensor
+
+
+@dataclass
+class TargetHead:
+    """The target's output projection, enough to turn final_hidden into teacher logits."""
+
+    weight: torch.Tensor  # [V, H_t]
+    logit_softcap: float | None = None  # Gemma-2 style tanh capping, applied per logit
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if rows is None else self.weight[rows]
+        out = hidden @ weight.to(hidden.dtype).T
+        if self.logit_softcap:
+            out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
+        return out
+
+
+class TargetModel(Protocol):
+    aux_layers: list[int]
+    head: TargetHead
+    embed_weight: torch.Tensor
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TargetFeatures: ...

@@ -1,0 +1,39 @@
+"""Target capture through hooks equals transformers' own output_hidden_states, for every family."""
+
+import pytest
+import torch
+
+from draftforge.target.hf import HFTarget, default_aux_layers
+from tests.tiny_models import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hooks_match_output_hidden_states(family):
+    model = tiny_model(family)
+    target = HFTarget(model)
+    ids = torch.randint(0, 512, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0  # right padding
+    feats = target.features(ids, mask)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hs = out.hidden_states
+    n = model.config.num_hidden_layers
+    assert target.aux_layers == default_aux_layers(n) == [2, n // 2, n - 3]
+    expect_aux = torch.cat([hs[i] for i in target.aux_layers], dim=-1)
+    assert feats.aux.shape == (2, 24, 3 * model.config.hidden_size)
+    torch.testing.assert_close(feats.aux, expect_aux)
+    # the teacher: final hidden (after the final norm) through the target head gives the logits
+    torch.testing.assert_close(target.head.logits(feats.final_hidden), out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_custom_taps_and_bad_taps():
+    model = tiny_model("llama")
+    target = HFTarget(model, aux_layers=[0, 3, 7])
+    ids = torch.randint(0, 512, (1, 8))
+    feats = target.features(ids, torch.ones_like(ids))
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(feats.aux[..., :64], hs[0])
+    with pytest.raises(ValueError, match="outside"):
+        HFTarget(tiny_model("llama"), aux_layers=[1, 2, 8])
