@@ -1,0 +1,228 @@
+"""The EAGLE-3 draft (DESIGN 2.4): frozen target embedding, fc over the three aux taps, one
+Llama decoder layer whose attention reads concat(norm(embed), norm(hidden)), norm, lm_head over
+the draft vocabulary. Parameter and buffer names are exactly what SGLang / vLLM load.
+
+The layer is split into `qkv` and `finish` so the training-time-test unroll (train/ttt.py) can
+put its own attention between them; `step` is the plain cached inference path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from draftforge.draft.config import DraftModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_inv_freq(cfg: DraftModelConfig) -> tuple[Tensor, float]:
+    """(inv_freq [D/2], cos/sin scale); scaled variants come from transformers' own functions."""
+    d = cfg.head_dim
+    if not cfg.rope_scaling:
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float(), 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = dict(cfg.rope_scaling)
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    shim = LlamaConfig(
+        hidden_size=cfg.num_attention_heads * cfg.head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=scaling,
+    )
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](shim, None)
+    return inv_freq.float(), float(attention_scaling)
+
+
+class Rotary:
+    """cos / sin tables for given positions (no module buffers: the checkpoint holds none)."""
+
+    def __init__(self, cfg: DraftModelConfig) -> None:
+        self.inv_freq, self.scaling = rope_inv_freq(cfg)
+
+    def __call__(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """position_ids [..., T] -> cos, sin [..., T, D] in float32."""
+        inv = self.inv_freq.to(position_ids.device)
+        ang = position_ids.to(torch.float32)[..., None] * inv
+        emb = torch.cat([ang, ang], dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos/sin [B or 1, T, D] (HF rotate_half convention)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftModelConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(2 * h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(2 * h, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(2 * h, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        if cfg.hidden_act == "silu":
+            self.act = F.silu
+        else:
+            from transformers.activations import ACT2FN
+
+            self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DraftModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def qkv(self, emb: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """emb, hidden [B, T, H] -> q [B, Hq, T, D], k / v [B, Hkv, T, D], RoPE applied.
+
+        One matmul for q, k and v over concat(input_layernorm(emb), hidden_norm(hidden)).
+        """
+        a = self.self_attn
+        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
+        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        q, k, v = F.linear(x, w).split([a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim], -1)
+        B, T = x.shape[:2]
+        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        k = k.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
+        v = v.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, hidden: Tensor, attn: Tensor) -> Tensor:
+        """Residual on the un-normed hidden, then the MLP block; returns the pre-norm output."""
+        h = hidden + self.self_attn.o_proj(attn.transpose(1, 2).flatten(2))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(
+        self,
+        emb: Tensor,
+        hidden: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q, k, v = self.qkv(emb, hidden, cos, sin)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        T, S = q.shape[2], k.shape[2]
+        causal = False
+        if attn_mask is None and T > 1:
+            if S == T:
+                causal = True
+            else:  # new tokens see all of the past and are causal among themselves
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, is_causal=causal, enable_gqa=True
+        )
+        return self.finish(hidden, out), (k, v)
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, config: DraftModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(3 * c.target_hidden_size, c.hidden_size, bias=False)
+        self.midlayer = DecoderLayer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
+        t2d[: c.draft_vocab_size] = True
+        self.register_buffer("t2d", t2d)
+        self.rotary = Rotary(c)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def load_target_embedding(self, weight: Tensor) -> None:
+        """Copy the target's input embedding (frozen, never exported)."""
+        if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
+            raise ValueError(f"target embedding {tuple(weight.shape)} != {tuple(self.embed_tokens.weight.shape)}")
+        self.embed_tokens.weight.copy_(weight)
+        self.embed_tokens.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def set_vocab_mapping(self, d2t: Tensor, t2d: Tensor) -> None:
+        """Install the draft vocabulary (DESIGN 2.3) after checking d2t and t2d agree."""
+        d2t, t2d = d2t.to(torch.long).cpu(), t2d.to(torch.bool).cpu()
+        ids = torch.nonzero(t2d).flatten()
+        if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
+            raise ValueError(f"d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not fit this draft")
+        if not torch.equal(ids, d2t + torch.arange(len(d2t))):
+            raise ValueError("d2t and t2d disagree: d2t[i] + i must list the t2d ids in order")
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    # inference API -----------------------------------------------------------------------------
+
+    def project(self, aux: Tensor) -> Tensor:
+        """aux [..., 3*H_t] (three target taps) -> the step-0 hidden state [..., H]."""
+        return self.fc(aux)
+
+    def step(
+        self,
+        input_ids: Tensor,
+        hidden: Tensor,
+        position_ids: Tensor,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One draft forward. input_ids [B, T]; hidden [B, T, H]: `project(aux)` or a previous
+        pre-norm output; position_ids [B, T]; past_kv: (k, v) [B, Hkv, S, D] after RoPE;
+        attn_mask [B, 1, T, S+T] bool (True = attend), default causal over the new tokens.
+        Returns (pre-norm output [B, T, H], the new (k, v) including the past)."""
+        emb = self.embed_tokens(input_ids).to(hidden.dtype)
+        cos, sin = self.rotary(position_ids)
+        return self.midlayer(emb, hidden, cos, sin, past_kv, attn_mask)
+
+    forward = step
+
+    def logits(self, prenorm: Tensor) -> Tensor:
+        """Draft-vocabulary logits of a pre-norm output."""
+        return self.lm_head(self.norm(prenorm))
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]

@@ -1,0 +1,112 @@
+"""Training-time test: the K-step unroll of the draft over a batch of target features
+(DESIGN 2.2, 2.5).
+
+Step k at index t sees embed(x[t+1+k]), the hidden fc(aux[t]) (k = 0) or its own step k-1
+pre-norm output at t, RoPE position t+k, and is taught the target's draft-vocabulary
+distribution at index t+1+k. A row is supervised iff t+2+k is a valid index, the predicted token
+x[t+2+k] is an assistant token (loss_mask) and the target's full-vocabulary argmax at t+1+k is a
+draft token. Teacher logits are computed once per index and shared by all steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from draftforge.draft.attention import ttt_attention
+from draftforge.draft.model import Eagle3Draft
+from draftforge.train.loss import fused_linear_soft_ce, teacher_targets, ttt_metrics, ttt_objective
+
+__all__ = ["TTTOutput", "ttt_forward", "ttt_objective", "ttt_metrics"]
+
+
+@dataclass
+class TTTOutput:
+    loss_sum: Tensor  # [K] float32, differentiable: sum of soft-CE over supervised rows per step
+    correct: Tensor  # [K] long: rows where the draft's argmax equals the teacher's
+    count: Tensor  # [K] long: supervised rows per step
+
+    def metrics(self) -> dict[str, float]:
+        return ttt_metrics(self.correct, self.count, self.loss_sum)
+
+
+def ttt_forward(
+    draft: Eagle3Draft,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    loss_mask: Tensor,
+    aux: Tensor,
+    final_hidden: Tensor,
+    target_lm_head_weight: Tensor,
+    steps: int = 7,
+    attention: str = "efficient",
+    checkpoint: bool = False,
+    loss_chunk: int = 1024,
+) -> TTTOutput:
+    """input_ids / attention_mask / loss_mask [B, L] (right padded), aux [B, L, 3*Ht],
+    final_hidden [B, L, Ht] (after the target's final norm), target_lm_head_weight [V, Ht].
+    `checkpoint` recomputes each step's layer in backward instead of keeping its activations."""
+    B, L = input_ids.shape
+    dev = input_ids.device
+    layer = draft.midlayer
+
+    # teacher, once per index u = t+1+k: rows where x[u+1] is a valid assistant token
+    valid = attention_mask.bool()
+    cand = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    cand[:, :-1] = loss_mask[:, 1:].bool() & valid[:, 1:]
+    cand_idx = torch.nonzero(cand.flatten()).flatten()
+    teacher = teacher_targets(final_hidden.flatten(0, 1).index_select(0, cand_idx), target_lm_head_weight, draft.t2d)
+    row_of = torch.full((B * L,), -1, dtype=torch.long, device=dev)
+    row_of[cand_idx] = torch.arange(len(cand_idx), device=dev)
+    sup_u = torch.zeros(B * L, dtype=torch.bool, device=dev)
+    sup_u[cand_idx] = teacher.in_draft
+    sup_u = sup_u.view(B, L)
+
+    ids = F.pad(input_ids, (0, steps), value=0)  # positions past the end are never read by valid rows
+    with torch.no_grad():
+        emb_all = draft.embed_tokens(ids)
+    cos_all, sin_all = draft.rotary(torch.arange(L + steps, device=dev))
+
+    h = draft.project(aux)
+    ks: list[Tensor] = []
+    vs: list[Tensor] = []
+    losses, corrects, counts = [], [], []
+    for k in range(steps):
+        emb = emb_all[:, 1 + k : 1 + k + L]
+        cos, sin = cos_all[None, k : k + L], sin_all[None, k : k + L]
+
+        def run(h: Tensor, *cache: Tensor, emb=emb, cos=cos, sin=sin) -> tuple[Tensor, Tensor, Tensor]:
+            n = len(cache) // 2
+            q, kk, vv = layer.qkv(emb, h, cos, sin)
+            attn = ttt_attention(q, [*cache[:n], kk], [*cache[n:], vv], impl=attention)
+            return layer.finish(h, attn), kk, vv
+
+        if checkpoint and torch.is_grad_enabled():
+            out, kk, vv = _checkpoint(run, h, *ks, *vs, use_reentrant=False)
+        else:
+            out, kk, vv = run(h, *ks, *vs)
+        ks.append(kk)
+        vs.append(vv)
+
+        # supervised rows of step k: index t with teacher index u = t+1+k
+        sup = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        sup[:, : L - 1 - k] = sup_u[:, 1 + k :]
+        t_idx = torch.nonzero(sup.flatten()).flatten()
+        u_idx = t_idx + 1 + k
+        rows = out.flatten(0, 1).index_select(0, t_idx)
+        loss, correct = fused_linear_soft_ce(
+            draft.norm(rows), draft.lm_head.weight, teacher.logits, row_of[u_idx], teacher.argmax, loss_chunk
+        )
+        losses.append(loss)
+        corrects.append(correct)
+        counts.append(t_idx.numel())
+        h = out
+    return TTTOutput(
+        loss_sum=torch.stack(losses),
+        correct=torch.stack(corrects),
+        count=torch.tensor(counts, dtype=torch.long, device=dev),
+    )

@@ -1,0 +1,113 @@
+"""Streamed teacher and fused chunked soft-CE against a naive full-materialisation version."""
+
+import pytest
+import torch
+
+from draftforge.train.loss import fused_linear_soft_ce, teacher_targets, ttt_metrics, ttt_objective
+from draftforge.train.ttt import TTTOutput
+
+N, H, V, DV = 37, 16, 300, 40
+
+
+def _vocab(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[torch.randperm(V, generator=g)[:DV]] = True
+    return t2d
+
+
+def test_teacher_targets_match_full_logits():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64)
+    t2d = _vocab()
+    # make some argmaxes land in the draft vocab, some outside
+    w[t2d.nonzero()[:3].flatten()] *= 3
+    full = x @ w.T
+    t = teacher_targets(x, w, t2d, max_chunk_elems=N * 7)  # several non-draft chunks
+    assert torch.allclose(t.logits, full[:, t2d], rtol=1e-12, atol=1e-12)
+    assert torch.equal(t.argmax, full[:, t2d].argmax(-1))
+    assert torch.equal(t.in_draft, t2d[full.argmax(-1)])
+    assert 0 < t.in_draft.sum() < N
+
+
+def test_teacher_targets_tie_goes_to_lower_id():
+    x = torch.ones(1, 2)
+    w = torch.zeros(6, 2)
+    t2d = torch.tensor([False, False, True, True, False, False])
+    w[[1, 3]] = 1.0  # equal top logits: id 1 (non-draft) wins, as argmax over the full vocab
+    assert not teacher_targets(x, w, t2d).in_draft.item()
+    w[1] = 0.0
+    w[5] = 1.0  # now draft id 3 comes first
+    assert teacher_targets(x, w, t2d).in_draft.item()
+
+
+def _naive(h, w, t_logits, rows):
+    z = h @ w.T
+    pt = torch.softmax(t_logits[rows].double(), -1)
+    loss = -(pt * torch.log_softmax(z.double(), -1)).sum()
+    correct = (z.argmax(-1) == t_logits[rows].argmax(-1)).sum()
+    return loss, correct
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("chunk", [5, 16, 1024])
+def test_fused_soft_ce_matches_naive(dtype, tol, chunk):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(N, H, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(DV, H, generator=g, dtype=dtype, requires_grad=True)
+    t_logits = torch.randn(N + 5, DV, generator=g, dtype=dtype) * 3
+    rows = torch.randperm(N + 5, generator=g)[:N]
+    loss, correct = fused_linear_soft_ce(h, w, t_logits, rows, t_logits.argmax(-1), chunk=chunk)
+    (loss * 0.37).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref, ref_correct = _naive(h, w, t_logits, rows)
+    (ref * 0.37).backward()
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert correct.item() == ref_correct.item()
+    assert torch.allclose(gh, h.grad, rtol=tol, atol=tol)
+    assert torch.allclose(gw, w.grad, rtol=tol, atol=tol)
+
+
+def test_fused_soft_ce_bf16_autocast_close():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = torch.randn(DV, H, generator=g, requires_grad=True)
+    t_logits = torch.randn(N, DV, generator=g)
+    rows = torch.arange(N)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_soft_ce(h, w, t_logits.bfloat16(), rows, t_logits.argmax(-1), chunk=8)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref, _ = _naive(h, w, t_logits, rows)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 0.02 * abs(ref.item())
+    assert (gh - h.grad).abs().max() <= 0.05 * h.grad.abs().max()
+    assert (gw - w.grad).abs().max() <= 0.05 * w.grad.abs().max()
+
+
+def test_fused_soft_ce_no_grad():
+    h, w, t = torch.randn(N, H), torch.randn(DV, H), torch.randn(N, DV)
+    with torch.no_grad():
+        loss, _ = fused_linear_soft_ce(h, w, t, torch.arange(N), t.argmax(-1), chunk=8)
+    ref, _ = _naive(h, w, t, torch.arange(N))
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
+
+
+def test_objective_and_metrics():
+    loss_sum = torch.tensor([4.0, 6.0, 8.0], requires_grad=True)
+    out = TTTOutput(loss_sum=loss_sum, correct=torch.tensor([3, 1, 0]), count=torch.tensor([4, 2, 0]))
+    obj = ttt_objective(out)
+    assert obj.item() == pytest.approx(4 / 4 + 0.8 * 6 / 2 + 0.64 * 8 / 1)
+    obj.backward()
+    assert loss_sum.grad.tolist() == pytest.approx([0.25, 0.4, 0.64])
+    # global counts (e.g. all-reduced over ranks) replace the local ones
+    assert ttt_objective(out, counts=torch.tensor([8, 4, 2])).item() == pytest.approx(0.5 + 1.2 + 2.56)
+    m = ttt_metrics(out.correct, out.count, out.loss_sum)
+    assert m["acc_0"] == 0.75 and m["acc_1"] == 0.5 and m["acc_2"] == 0.0
+    assert m["loss_1"] == 3.0
+    assert m["sim_tau"] == pytest.approx(1 + 0.75 + 0.375)
