@@ -432,7 +432,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"rejected {rejected} records to {rejects_path(args.output)}")
     for reason, count in report.rejected.most_common():
         print(f"  {reason:<14} {count:>7}  {REASONS[reason]}")
+    if report.repairs:
+        print("repaired turns in written rows (see the repair policy in `draftforge prepare --help`):")
     for repair, count in report.repairs.most_common():
-        print(f"repaired: {repair} {count} turns")
+        print(f"  {repair:<26} {count:>7}")
     print(f"rows in {report.rows_in} = written {report.written} + rejected {rejected}")
     return 0
