@@ -12,3 +12,14 @@ def smollm2_tokenizer():
     from draftforge import assets
 
     return AutoTokenizer.from_pretrained(assets.smollm2_dir())
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """DRAFTFORGE_CACHE in a temporary dir; the (slow to build) SmolLM2 directory still comes from the real cache."""
+    from draftforge import assets
+
+    smollm2 = assets.smollm2_dir()
+    monkeypatch.setattr(assets, "smollm2_dir", lambda: smollm2)
+    monkeypatch.setenv("DRAFTFORGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
