@@ -275,3 +275,23 @@ def test_align_end():
     assert align_end("<a>THINKx</a>", full) == 8  # one extra block
     assert align_end(f"<a>T1x</a>{gap}<b>T2y</b>{gap}<c>", full) == len(full)  # two extra blocks
     assert align_end(f"<a>x</a>{gap}<z>", full) is None  # something full never had
+
+
+def test_inspect_shows_the_mask(capsys):
+    from draftforge.cli import main
+
+    data = str(FIXTURES / "malformed.jsonl")
+    assert main(["inspect", "--data", data, "--index", "1", "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert "conversation 'repaired'" in out and "39 tokens, 2 supervised, 37 masked" in out
+    assert "<|im_start|>assistant\n[[a<|im_end|>]]\n" in out and out.count("[[") == 1
+    assert main(["inspect", "--data", data, "--index", "2"]) == 1
+    assert "no usable conversation at index 2" in capsys.readouterr().err
+
+
+def test_inspect_colours_supervised_runs(smollm2_tokenizer):
+    from draftforge.data.inspect import MASKED, RESET, SUPERVISED, format_sample
+
+    shown = format_sample(tokenize_conversation(smollm2_tokenizer, CHAT), color=True)
+    assert f"{SUPERVISED}Hello! How can I help?<|im_end|>{RESET}{MASKED}\n<|im_start|>user" in shown
+    assert f"{SUPERVISED}4<|im_end|>{RESET}{MASKED}\n{RESET}" in shown and shown.count(SUPERVISED) == 2

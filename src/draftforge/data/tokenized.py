@@ -243,21 +243,23 @@ def build_tokenized(data_cfg: DataConfig, tokenizer: Any, tokenizer_id: str,
 # --- shared command-line options (vocab, inspect) -----------------------------------------------
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, building: bool = True) -> None:
+    """Options that define samples; `building` adds those of building a whole dataset."""
     defaults = DataConfig()
     parser.add_argument("--data", action="append", required=True, metavar="PATH",
                         help="conversations (prepare's output or any format it reads; 'sharegpt' = packaged)")
     parser.add_argument("--tokenizer", default="smollm2", help="the target's tokenizer: 'smollm2', a dir or hub id")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
-    parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--system-prompt", default=None, help="used when a conversation has no system turn")
     parser.add_argument("--last-turn-only", action="store_true", help="supervise only the last assistant turn")
     parser.add_argument("--think", choices=THINK_MODES, default=defaults.think,
                         help="empty <think></think> blocks: leave unsupervised (mask) or train on them")
-    parser.add_argument("--num-workers", type=int, default=None, help="tokenising processes (default: all cores)")
+    if building:
+        parser.add_argument("--max-rows", type=int, default=None)
+        parser.add_argument("--num-workers", type=int, default=None, help="tokenising processes (default: all cores)")
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(sources=list(args.data), max_rows=args.max_rows, max_length=args.max_length,
+    return DataConfig(sources=list(args.data), max_rows=getattr(args, "max_rows", None), max_length=args.max_length,
                       system_prompt=args.system_prompt, last_turn_only=args.last_turn_only, think=args.think,
-                      num_workers=args.num_workers)
+                      num_workers=getattr(args, "num_workers", None))
