@@ -295,3 +295,20 @@ def test_inspect_colours_supervised_runs(smollm2_tokenizer):
     shown = format_sample(tokenize_conversation(smollm2_tokenizer, CHAT), color=True)
     assert f"{SUPERVISED}Hello! How can I help?<|im_end|>{RESET}{MASKED}\n<|im_start|>user" in shown
     assert f"{SUPERVISED}4<|im_end|>{RESET}{MASKED}\n{RESET}" in shown and shown.count(SUPERVISED) == 2
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3", "qwen3", "mistral"])
+def test_long_conversations_truncate_exactly(name, request):
+    """Truncation keeps exactly the first max_length tokens of the whole sample, mask and offsets included."""
+    tok = request.getfixturevalue("smollm2_tokenizer" if name == "smollm2" else name)
+    chat = []
+    for i in range(40):
+        chat += [{"role": "user", "content": f"Question {i}: tell me about the number {i}?"},
+                 {"role": "assistant", "content": f"The number {i} " + "is a fine number. " * (i % 7 + 1)}]
+    whole = tokenize_conversation(tok, chat)
+    for max_length in (60, 97, 256, 700, len(whole.input_ids) - 1, len(whole.input_ids)):
+        sample = tokenize_conversation(tok, chat, max_length=max_length)
+        assert sample.input_ids == whole.input_ids[:max_length]
+        assert sample.loss_mask == whole.loss_mask[:max_length]
+        assert sample.offsets == whole.offsets[:max_length]
+        assert sample.truncated == (max_length < len(whole.input_ids))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from draftforge import assets
+from draftforge.config import DataConfig
 
 THINK_MODES = ("mask", "train")
 METHODS = ("auto", "diff", "markers")
@@ -200,22 +201,21 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, Any]], *, max
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("a fast tokenizer (with offsets) is needed to map the mask onto tokens")
     full, spans = assistant_spans(tokenizer, messages, tools=tools, think=think, method=method)
-    if last_turn_only:
-        spans = spans[-1:]
+    if not spans:
+        raise TemplateError("empty_mask", "no supervised tokens: the template renders no assistant content")
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    mask = _token_mask(offsets, spans)
-    if not any(mask):
-        raise TemplateError("empty_mask", "no supervised tokens: the template renders no assistant content")
+    mask = _token_mask(offsets, spans[-1:] if last_turn_only else spans)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, mask, offsets = ids[:max_length], mask[:max_length], offsets[:max_length]
-        if not any(mask):
-            raise TemplateError("truncated_mask", f"no supervised tokens in the first {max_length} tokens")
+    if not any(mask):
+        raise (TemplateError("truncated_mask", f"no supervised tokens in the first {max_length} tokens") if truncated
+               else TemplateError("empty_mask", "no token overlaps an assistant turn"))
     return Sample(ids, mask, full, offsets, truncated)
 
 
-def tokenize_row(tokenizer: Any, row: dict[str, Any], data_cfg: Any) -> Sample:
+def tokenize_row(tokenizer: Any, row: dict[str, Any], data_cfg: DataConfig) -> Sample:
     """tokenize_conversation with the options of a DataConfig."""
     return tokenize_conversation(tokenizer, row["conversations"], max_length=data_cfg.max_length,
                                  system_prompt=data_cfg.system_prompt, last_turn_only=data_cfg.last_turn_only,
