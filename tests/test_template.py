@@ -256,16 +256,21 @@ def test_template_without_assistant_turns_is_rejected_loudly(smollm2_tokenizer):
     assert e.value.reason == "empty_mask"
 
 
-def test_template_that_rewrites_history_is_a_mismatch(smollm2_tokenizer):
+@pytest.mark.parametrize("history", ["m.content | upper", "m.content[-3:]"])
+def test_template_that_rewrites_history_is_a_mismatch(smollm2_tokenizer, history):
+    """Earlier answers rendered differently once later turns exist. Upper-casing defeats the alignment;
+    keeping only the answer's last characters aligns, but the located span then lacks the answer."""
     tok = variant(smollm2_tokenizer, None)
     tok.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-        "{% if m.role == 'assistant' and not loop.last %}{{ m.content | upper }}{% else %}{{ m.content }}{% endif %}"
+        "{% if m.role == 'assistant' and not loop.last %}{{ HISTORY }}{% else %}{{ m.content }}{% endif %}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    ).replace("HISTORY", history)
     with pytest.raises(TemplateError) as e:
         tokenize_conversation(tok, CHAT)
     assert e.value.reason == "template_mismatch"
+    message = "not in its located span" if "[-3:]" in history else "cannot locate assistant turn 1"
+    assert message in str(e.value)
 
 
 def test_align_end():
@@ -312,3 +317,13 @@ def test_long_conversations_truncate_exactly(name, request):
         assert sample.loss_mask == whole.loss_mask[:max_length]
         assert sample.offsets == whole.offsets[:max_length]
         assert sample.truncated == (max_length < len(whole.input_ids))
+
+
+def test_template_that_transforms_content_consistently(smollm2_tokenizer):
+    """The mask comes from the rendering, not from finding the message text: any consistent template works."""
+    tok = variant(smollm2_tokenizer, None)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | upper }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert supervised_runs(tokenize_conversation(tok, CHAT)) == ["HELLO! HOW CAN I HELP?<|im_end|>", "4<|im_end|>"]
