@@ -1,6 +1,7 @@
 """Normalise conversation data (ShareGPT, OpenAI messages, UltraChat, JSON arrays, JSONL) to one row shape.
 
-Every input record becomes either one row `{"id", "conversations": [{"role", "content", ...}]}` or one
+Every input record becomes either one row `{"id", "conversations": [{"role", "content", ...}]}` (turns may
+carry reasoning_content, tool_calls, name, tool_call_id; a row may carry the "tools" it declares) or one
 reject carrying its file, line and reason: nothing is dropped silently, rows in = rows out + rejected.
 
 Repair policy (each repair is counted and printed, never silent):
