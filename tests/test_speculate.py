@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
-from draftforge.eval.speculate import SpecConfig, SpeculativeDecoder, load_draft_dir, plain_generate
+from draftforge.eval.speculate import SpecConfig, SpecStats, SpeculativeDecoder, load_draft_dir, plain_generate
 from draftforge.export.formats import export_draft
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -145,6 +145,61 @@ def test_matches_hf_generate_and_stops_at_eos():
     assert plain_generate(target, [prompt], 20, eos_token_ids=[eos]) == [cut]
     assert dec.generate([prompt], CHAIN, 20, eos_token_ids=[eos]).tokens == [cut]
     assert dec.generate([prompt], CHAIN, 7).tokens == [ref[:7]]  # max_new_tokens cuts inside a cycle
+
+
+def test_draft_levels_match_the_training_unroll():
+    """Inference drafting = the TTT unroll (DESIGN 2.5) at the last index: same tokens, RoPE
+    positions, hidden states and attention (step-0 keys <= t plus the diagonal of later steps)."""
+    from draftforge.draft.attention import ttt_attention
+
+    target = tiny_model("llama", dtype=torch.float64)
+    draft = random_draft(target, draft_vocab=300)
+    dec = SpeculativeDecoder(target, draft)
+    prompt, steps = PROMPTS[1], 4
+    seen: list[torch.Tensor] = []
+    logits = draft.logits
+    draft.logits = lambda pre: (seen.append(pre.reshape(-1, pre.shape[-1])[:1]), logits(pre))[1]
+    st, first = dec._prefill([prompt], 0.0, None)
+    tree = dec._draft(st, SpecConfig(1, steps, 1, steps + 1), 0.0, None)
+    del draft.logits
+    y = torch.tensor([prompt + [int(first)] + tree.tokens[0, 1:].tolist()])  # x[0..P] + drafted tokens
+    P = len(prompt)
+    with torch.no_grad():
+        aux = torch.cat([h for i, h in enumerate(target(y[:, :P], output_hidden_states=True).hidden_states)
+                         if i in draft.config.aux_layer_ids], dim=-1)  # fmt: skip
+        h, ks, vs = draft.project(aux), [], []
+        for k in range(steps):  # step k at index t sees embed(y[t+1+k]) at RoPE position t+k
+            cos, sin = draft.rotary(torch.arange(P)[None] + k)
+            q, kk, vv = draft.midlayer.qkv(draft.embed_tokens(y[:, 1 + k : 1 + k + P]), h, cos, sin)
+            ks.append(kk)
+            vs.append(vv)
+            h = draft.midlayer.finish(h, ttt_attention(q, ks, vs, impl="reference"))
+            torch.testing.assert_close(seen[k], h[:, -1], rtol=1e-9, atol=1e-9)
+
+
+def test_caches_after_cycles_equal_a_fresh_prefill():
+    """After partial acceptance (tree paths, ragged batch with holes) both caches hold exactly the
+    committed context: the draft's last hidden state and KV equal those of a fresh prefill of it."""
+    target = tiny_model("llama", dtype=torch.float64)
+    refs = plain_generate(target, PROMPTS, 40)
+    dec = SpeculativeDecoder(target, oracle_for(target, PROMPTS, refs))
+    st, first = dec._prefill(PROMPTS, 0.0, None)
+    stats = SpecStats(TREE.steps)
+    new = [[int(t)] for t in first]
+    for _ in range(4):
+        for row, toks in zip(new, dec._cycle(st, TREE, 0.0, None, stats), strict=True):
+            row += toks.tolist()
+    assert min(stats.accepted) < max(stats.accepted)  # rows grew by different amounts: holes
+    for b, prompt in enumerate(PROMPTS):
+        fresh, last = dec._prefill([prompt + new[b][:-1]], 0.0, None)
+        assert int(last) == new[b][-1] == int(st.last[b])
+        slots = st.valid[b].nonzero()[:, 0]
+        assert torch.equal(st.pos[b, slots], fresh.pos[0])
+        torch.testing.assert_close(st.hidden[b], fresh.hidden[0])
+        for mine, ref in zip(st.dkv, fresh.dkv, strict=True):
+            torch.testing.assert_close(mine[b][:, slots], ref[0])
+        for layer, ref_layer in zip(st.cache.layers, fresh.cache.layers, strict=True):
+            torch.testing.assert_close(layer.keys[b][:, slots], ref_layer.keys[0])
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
