@@ -649,8 +649,10 @@ def evaluate_suite(
     seed: int = 0,
     progress: bool = True,
     desc: str = "",
+    baseline: bool = True,
 ) -> dict[str, Any]:
-    """Plain and speculative decoding of every turn, interleaved prompt by prompt in this process.
+    """Plain and speculative decoding of every turn, interleaved prompt by prompt in this process
+    (so both see the same machine load); `baseline=False` skips plain decoding (no speedup then).
 
     Multi-turn conversations ask turn i after the model's own (speculative) answers to turns < i.
     """
@@ -674,24 +676,28 @@ def evaluate_suite(
             idx = [i for i, c in enumerate(group) if turn < len(c.turns)]
             prompts = [render(tokenizer, group[i], answers[i]) for i in idx]
             t0 = time.perf_counter()
-            plain = plain_generate(model, prompts, max_new_tokens, temperature, eos, gen)
+            plain = plain_generate(model, prompts, max_new_tokens, temperature, eos, gen) if baseline else None
             t1 = time.perf_counter()
             out = decoder.generate(prompts, spec, max_new_tokens, temperature, eos, gen)
             t2 = time.perf_counter()
             plain_s, spec_s = plain_s + t1 - t0, spec_s + t2 - t1
-            plain_tok += sum(map(len, plain))
             spec_tok += sum(map(len, out.tokens))
-            matches += sum(a == b for a, b in zip(plain, out.tokens, strict=True))
+            if plain is not None:
+                plain_tok += sum(map(len, plain))
+                matches += sum(a == b for a, b in zip(plain, out.tokens, strict=True))
             latencies.append(t2 - t1)
             stats.merge(out.stats)
             for i, toks in zip(idx, out.tokens, strict=True):
                 answers[i].append(tokenizer.decode(toks, skip_special_tokens=True))
             prompts_done += len(idx)
             bar.update(len(idx))
-            speedup = (spec_tok / spec_s) / max(plain_tok / plain_s, 1e-9)
-            bar.set_postfix(tau=f"{stats.tau:.2f}", speedup=f"{speedup:.2f}")
+            post = {"tau": f"{stats.tau:.2f}"}
+            if baseline:
+                post["speedup"] = f"{(spec_tok / spec_s) / max(plain_tok / plain_s, 1e-9):.2f}"
+            bar.set_postfix(post)
     bar.close()
-    plain_tps, spec_tps = plain_tok / max(plain_s, 1e-9), spec_tok / max(spec_s, 1e-9)
+    spec_tps = spec_tok / max(spec_s, 1e-9)
+    plain_tps = plain_tok / max(plain_s, 1e-9) if baseline else None
     return {
         "batch": spec.batch,
         "steps": spec.steps,
@@ -705,10 +711,10 @@ def evaluate_suite(
         "throughput": spec_tps,
         "latency": sum(latencies) / max(1, len(latencies)),  # seconds per generate call (one batch of prompts)
         "plain_throughput": plain_tps,
-        "plain_latency": plain_s / max(1, len(latencies)),
-        "speedup": spec_tps / max(plain_tps, 1e-9),
+        "plain_latency": plain_s / max(1, len(latencies)) if baseline else None,
+        "speedup": spec_tps / max(plain_tps, 1e-9) if plain_tps else None,
         "time_split": {"draft_s": stats.draft_s, "verify_s": stats.verify_s, "commit_s": stats.commit_s},
-        "greedy_match": matches / max(1, prompts_done) if temperature <= 0 else None,
+        "greedy_match": matches / max(1, prompts_done) if temperature <= 0 and baseline else None,
     }
 
 
@@ -730,6 +736,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="target and draft dtype")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="eval_results.json", help="JSON results; the chart goes next to it (.png)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speedup, half the time)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -746,6 +753,10 @@ def run(args: argparse.Namespace) -> int:
     tpath = resolve_model_path(args.target)
     tokenizer = AutoTokenizer.from_pretrained(tpath)
     model = AutoModelForCausalLM.from_pretrained(tpath, dtype=dtype).eval()
+    from draftforge.export.formats import check_draft_dir
+
+    for finding in check_draft_dir(args.draft, model.config.to_dict()):  # what an engine would object to
+        print(f"{finding.level.upper():5} {args.draft}: {finding.message}")
     draft = load_draft_dir(args.draft, model, dtype)
     decoder = SpeculativeDecoder(model, draft)
     configs = [SpecConfig.parse(c) for c in args.configs]
@@ -759,7 +770,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in configs:
             results[suite.name][spec.key] = evaluate_suite(
                 decoder, tokenizer, suite.conversations, spec, args.max_new_tokens, args.temperature, args.seed,
-                progress=not args.no_progress, desc=f"{suite.name} {spec.key}",
+                progress=not args.no_progress, desc=f"{suite.name} {spec.key}", baseline=not args.no_baseline,
             )  # fmt: skip
     meta = {
         "target": str(args.target),
