@@ -290,6 +290,11 @@ class SpecStats:
             out.append(sum(n >= k for n in self.accepted) / tried if tried else float("nan"))
         return out
 
+    @property
+    def position_rate(self) -> list[float]:
+        """Unconditional P(depth k accepted) per cycle: what vLLM's per-position acceptance counters give."""
+        return [sum(n >= k for n in self.accepted) / max(1, self.cycles) for k in range(1, self.steps + 1)]
+
     def merge(self, other: SpecStats) -> None:
         self.accepted += other.accepted
         self.draft_s += other.draft_s
@@ -409,7 +414,8 @@ class SpeculativeDecoder:
         kv = st.dkv
         base = k
         eye = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
-        for level in range(2, spec.steps + 1):
+        levels = min(spec.steps, spec.draft_tokens - 1)  # deeper nodes could never be among the kept ones
+        for level in range(2, levels + 1):
             attend = torch.cat([st.valid[:, None].expand(B, k, S0), anc, eye], dim=2)
             pos = (st.length + level - 2)[:, None].expand(B, k)
             pre, kv = d.step(d.to_target_ids(f_tok), f_hidden, pos, kv, attend[:, None])
@@ -444,7 +450,7 @@ class SpeculativeDecoder:
         T = n + 1
         eyeT = torch.eye(T, dtype=torch.bool, device=dev).expand(B, T, T)
         anc_t = eyeT
-        for _ in range(spec.steps):
+        for _ in range(levels):
             anc_t = eyeT | anc_t.gather(1, parent[:, :, None].expand(B, T, T))
         q = None
         if sampling_chain:
@@ -708,6 +714,7 @@ def evaluate_suite(
         "cycles": stats.cycles,
         "accept_length": stats.tau if stats.cycles else 1.0,
         "acceptance": [None if math.isnan(a) else a for a in stats.alpha],
+        "position_acceptance": stats.position_rate,
         "throughput": spec_tps,
         "latency": sum(latencies) / max(1, len(latencies)),  # seconds per generate call (one batch of prompts)
         "plain_throughput": plain_tps,
