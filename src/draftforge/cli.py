@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from draftforge.config import ConfigError
+
 # name -> (module, one-line help). Order is the pipeline order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("draftforge.data.conversations", "normalise conversation data to JSONL, with a rejects file"),
@@ -47,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:
+        print(f"draftforge {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

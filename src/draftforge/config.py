@@ -80,6 +80,10 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+class ConfigError(ValueError):
+    """A config file or override that does not describe a valid run (reported without a traceback)."""
+
+
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     text = str(hint)
     if value is None or "Any" in text or "dict" in text:
@@ -87,15 +91,20 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     if "tuple" in text and isinstance(value, list):
         return tuple(value)
     if "list" in text and not isinstance(value, list):
-        raise ValueError(f"config {section}.{key}: expected a list, got {value!r}")
+        raise ConfigError(f"config {section}.{key}: expected a list, got {value!r}")
     for kind in (bool, int, float, str):
         if text.startswith(kind.__name__) or text == f"<class '{kind.__name__}'>":
+            if kind is float and isinstance(value, str):
+                try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+                    return float(value)
+                except ValueError:
+                    pass
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 return float(value)
             if kind is int and isinstance(value, float) and value.is_integer():
                 return int(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"config {section}.{key}: expected {kind.__name__}, got {value!r}")
+                raise ConfigError(f"config {section}.{key}: expected {kind.__name__}, got {value!r}")
             return value
     return value
 
@@ -103,12 +112,12 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
 def _apply(config: RunConfig, tree: dict[str, Any], origin: str) -> None:
     for section, values in tree.items():
         if not hasattr(config, section) or not isinstance(values, dict):
-            raise ValueError(f"{origin}: unknown config section {section!r}")
+            raise ConfigError(f"{origin}: unknown config section {section!r}")
         target = getattr(config, section)
         hints = get_type_hints(type(target))
         for key, value in values.items():
             if key not in hints:
-                raise ValueError(f"{origin}: unknown key {section}.{key}")
+                raise ConfigError(f"{origin}: unknown key {section}.{key}")
             setattr(target, key, _coerce(section, key, value, hints[key]))
 
 
@@ -120,7 +129,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(config, tree, str(path))
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r}: expected section.key=value")
+            raise ConfigError(f"override {item!r}: expected section.key=value")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         _apply(config, {section: {key: yaml.safe_load(raw)}}, f"override {item!r}")

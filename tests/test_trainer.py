@@ -1,0 +1,99 @@
+"""Trainer: exact resume after SIGKILL, refusal of a changed setup, and a learning draft."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from draftforge.config import load_config
+from draftforge.train.checkpoint import latest_checkpoint
+
+
+def train_args(target: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "draftforge.cli", "train", "--no-progress",
+        f"target.path={target}", f"data.sources=[{data}]", "target.dtype=float32", "data.max_length=128",
+        "data.eval_fraction=0", "draft.draft_vocab_size=2000", "train.precision=fp32", "train.ttt_steps=3",
+        "train.tokens_per_batch=512", "train.max_steps=10", "train.warmup_steps=2", "train.save_every=1",
+        "train.keep_last=3", "train.log_every=1", "train.eval_every=0", "train.threads=1", "train.lr=3e-3",
+        f"train.out_dir={out}", *extra,
+    ]
+
+
+def losses(out: Path) -> dict[int, str]:
+    """Last logged loss per step, as its exact JSON text (bit-identity, not closeness)."""
+    by_step = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = json.dumps([record["loss"], record["acc_0"], record["grad_norm"]])
+    return by_step
+
+
+@pytest.fixture
+def env(isolated_cache):
+    return {**os.environ, "DRAFTFORGE_CACHE": str(isolated_cache), "PYTHONUNBUFFERED": "1"}
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_target_dir, small_conversations, env):
+    straight = tmp_path / "straight"
+    done = subprocess.run(train_args(tiny_target_dir, small_conversations, straight), env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = losses(straight)
+    assert sorted(expected) == list(range(1, 11))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_args(tiny_target_dir, small_conversations, killed), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(killed)
+        if ckpt is not None and int(ckpt.name.split("_")[1]) >= 4:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = int(latest_checkpoint(killed).name.split("_")[1])
+    assert stopped_at < 10, "the run finished before it could be killed"
+
+    subprocess.run(train_args(tiny_target_dir, small_conversations, killed), env=env, check=True,
+                   capture_output=True)
+    assert losses(killed) == expected
+    assert (killed / "checkpoints" / "step_00000010").exists()
+
+
+def test_resume_refuses_changed_config(tmp_path, tiny_target_dir, small_conversations, env):
+    out = tmp_path / "run"
+    args = train_args(tiny_target_dir, small_conversations, out, "train.max_steps=2")
+    subprocess.run(args, env=env, check=True, capture_output=True)
+    changed = subprocess.run(args + ["train.lr=1e-4", "train.max_steps=3"], env=env, capture_output=True, text=True)
+    assert changed.returncode != 0
+    assert "train.lr" in changed.stderr and "--force" in changed.stderr
+    forced = subprocess.run(args + ["train.lr=1e-4", "train.max_steps=3", "--force"], env=env,
+                            capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert "resuming anyway" in forced.stderr
+
+
+def test_draft_learns_on_a_tiny_target(tmp_path, tiny_target_dir, small_conversations, isolated_cache):
+    from draftforge.train.setup import build_training
+
+    config = load_config(None, [
+        f"target.path={tiny_target_dir}", f"data.sources=[{small_conversations}]", "target.dtype=float32",
+        "data.max_length=128", "data.eval_fraction=0", "draft.draft_vocab_size=49152", "train.precision=bf16",
+        "train.ttt_steps=2", "train.tokens_per_batch=1024", "train.max_steps=30", "train.warmup_steps=2",
+        "train.save_every=1000", "train.eval_every=0", "train.lr=3e-3", f"train.out_dir={tmp_path / 'run'}",
+    ])
+    trainer = build_training(config)  # the full vocabulary: the random target's argmax is any token
+    history = [trainer.train_step() for _ in range(30)]
+    mean = lambda key, part: sum(m[key] for m in part) / len(part)
+    first, last = history[:5], history[-5:]
+    assert mean("loss", last) < 0.7 * mean("loss", first)
+    assert mean("acc_0", last) > mean("acc_0", first) + 0.03
