@@ -52,12 +52,8 @@ def test_jsonl_and_heldout(tmp_path):
         load_suite("nope:x")
 
 
-def test_render_multi_turn_with_smollm2_template():
-    from transformers import AutoTokenizer
-
-    from draftforge.assets import smollm2_dir
-
-    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+def test_render_multi_turn_with_smollm2_template(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     conv = Conversation(turns=["First question?", "Second question?"])
     t1 = tok.decode(render(tok, conv))
     assert t1.endswith("<|im_start|>user\nFirst question?<|im_end|>\n<|im_start|>assistant\n")
