@@ -24,8 +24,8 @@ def test_teacher_targets_match_full_logits():
     # make some argmaxes land in the draft vocab, some outside
     w[t2d.nonzero()[:3].flatten()] *= 3
     full = x @ w.T
-    t = teacher_targets(x, w, t2d, max_chunk_elems=N * 7)  # several non-draft chunks
-    assert torch.allclose(t.logits, full[:, t2d], rtol=1e-12, atol=1e-12)
+    t = teacher_targets(x, w, t2d, row_chunk=10, vocab_chunk=64)  # several row and vocab chunks
+    assert torch.allclose(t.probs, torch.softmax(full[:, t2d], -1), rtol=1e-12, atol=1e-14)
     assert torch.equal(t.argmax, full[:, t2d].argmax(-1))
     assert torch.equal(t.in_draft, t2d[full.argmax(-1)])
     assert 0 < t.in_draft.sum() < N
@@ -50,15 +50,19 @@ def _naive(h, w, t_logits, rows):
     return loss, correct
 
 
+def _probs(t_logits):
+    return torch.softmax(t_logits.double(), -1).to(t_logits.dtype)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("chunk", [5, 16, 1024])
-def test_fused_soft_ce_matches_naive(dtype, tol, chunk):
+@pytest.mark.parametrize("chunk,sub", [(5, 2), (16, 3), (None, None)])
+def test_fused_soft_ce_matches_naive(dtype, tol, chunk, sub):
     g = torch.Generator().manual_seed(2)
     h = torch.randn(N, H, generator=g, dtype=dtype, requires_grad=True)
     w = torch.randn(DV, H, generator=g, dtype=dtype, requires_grad=True)
     t_logits = torch.randn(N + 5, DV, generator=g, dtype=dtype) * 3
     rows = torch.randperm(N + 5, generator=g)[:N]
-    loss, correct = fused_linear_soft_ce(h, w, t_logits, rows, t_logits.argmax(-1), chunk=chunk)
+    loss, correct = fused_linear_soft_ce(h, w, _probs(t_logits), rows, t_logits.argmax(-1), chunk=chunk, sub=sub)
     (loss * 0.37).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -78,7 +82,7 @@ def test_fused_soft_ce_bf16_autocast_close():
     t_logits = torch.randn(N, DV, generator=g)
     rows = torch.arange(N)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = fused_linear_soft_ce(h, w, t_logits.bfloat16(), rows, t_logits.argmax(-1), chunk=8)
+        loss, _ = fused_linear_soft_ce(h, w, _probs(t_logits).bfloat16(), rows, t_logits.argmax(-1), chunk=8, sub=3)
     loss.backward()
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     gh, gw = h.grad.clone(), w.grad.clone()
@@ -93,7 +97,7 @@ def test_fused_soft_ce_bf16_autocast_close():
 def test_fused_soft_ce_no_grad():
     h, w, t = torch.randn(N, H), torch.randn(DV, H), torch.randn(N, DV)
     with torch.no_grad():
-        loss, _ = fused_linear_soft_ce(h, w, t, torch.arange(N), t.argmax(-1), chunk=8)
+        loss, _ = fused_linear_soft_ce(h, w, _probs(t), torch.arange(N), t.argmax(-1), chunk=8)
     ref, _ = _naive(h, w, t, torch.arange(N))
     assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
 
@@ -111,3 +115,13 @@ def test_objective_and_metrics():
     assert m["acc_0"] == 0.75 and m["acc_1"] == 0.5 and m["acc_2"] == 0.0
     assert m["loss_1"] == 3.0
     assert m["sim_tau"] == pytest.approx(1 + 0.75 + 0.375)
+
+
+def test_fused_soft_ce_no_rows():
+    h = torch.zeros(0, H, requires_grad=True)
+    w = torch.randn(DV, H, requires_grad=True)
+    loss, correct = fused_linear_soft_ce(h, w, torch.zeros(0, DV), torch.zeros(0, dtype=torch.long),
+                                         torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and correct.item() == 0
+    assert torch.equal(w.grad, torch.zeros_like(w))

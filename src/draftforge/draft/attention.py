@@ -75,7 +75,8 @@ class _TTTAttention(torch.autograd.Function):
     def forward(ctx, scale: float, blockwise: bool, q: Tensor, *kv: Tensor) -> Tensor:  # type: ignore[override]
         n = len(kv) // 2 - 1
         k0, ks, v0, vs = kv[0], kv[1 : n + 1], kv[n + 1], kv[n + 2 :]
-        q, k0, v0 = q.contiguous(), k0.contiguous(), v0.contiguous()
+        if blockwise:
+            q, k0, v0 = q.contiguous(), k0.contiguous(), v0.contiguous()
         o_c, lse_c = _causal_forward(q, k0, v0, scale, blockwise)
         ctx.scale, ctx.blockwise, ctx.n = scale, blockwise, n
         if n == 0:
@@ -88,10 +89,13 @@ class _TTTAttention(torch.autograd.Function):
         lse = torch.logsumexp(torch.cat([lse_cg.unsqueeze(0), s]), dim=0)
         a = (lse_cg - lse).exp()
         b = (s - lse).exp()
-        out = _group(o_c, k0.shape[1]).to(acc) * a.unsqueeze(-1)
+        # merged output in o_c's memory layout ([B, L, H, D] when q is a head-transposed view)
+        out = torch.empty_like(o_c, dtype=acc)
+        outg = _group(out, k0.shape[1])
+        torch.mul(_group(o_c, k0.shape[1]), a.unsqueeze(-1), out=outg)
         for j, v in enumerate(vs):
-            out += b[j].unsqueeze(-1) * v.to(acc).unsqueeze(2)
-        out = out.flatten(1, 2).to(q.dtype)
+            outg.addcmul_(b[j].unsqueeze(-1), v.unsqueeze(2))
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k0, v0, out, lse_c, a, b, *ks, *vs)
         return out
 
@@ -105,7 +109,8 @@ class _TTTAttention(torch.autograd.Function):
         probability of causal key j. Diagonal key j: ds_j = b_j (dO . v_j - dO . out).
         """
         n, scale = ctx.n, ctx.scale
-        d_out = d_out.contiguous()
+        if ctx.blockwise:
+            d_out = d_out.contiguous()
         if n == 0:
             q, k0, v0, out, lse_c = ctx.saved_tensors
             dq, dk0, dv0 = _causal_backward(d_out, q, k0, v0, out, lse_c, scale, ctx.blockwise)

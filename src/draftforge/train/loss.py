@@ -12,6 +12,7 @@ sequences (DESIGN 2.1, 2.5).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,111 +27,202 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 @dataclass
 class TeacherTargets:
-    logits: Tensor  # [N, Dv] target logits over the draft vocabulary (compute dtype)
+    probs: Tensor  # [N, Dv] target softmax over the draft vocabulary (compute dtype)
     argmax: Tensor  # [N] long, draft id of the teacher's top token within the draft vocabulary
     in_draft: Tensor  # [N] bool, the full-vocabulary argmax is a draft token
 
 
 @torch.no_grad()
 def teacher_targets(
-    final_hidden: Tensor, lm_head_weight: Tensor, t2d: Tensor, max_chunk_elems: int = 1 << 24
+    final_hidden: Tensor, lm_head_weight: Tensor, t2d: Tensor, row_chunk: int = 1024, vocab_chunk: int = 8192
 ) -> TeacherTargets:
-    """final_hidden [N, Ht] (after the target's final norm), lm_head_weight [V, Ht], t2d [V] bool."""
+    """final_hidden [N, Ht] (after the target's final norm), lm_head_weight [V, Ht], t2d [V] bool.
+
+    Probabilities are computed once per index (every TTT step reuses them) and stored in the
+    compute dtype; logits only ever exist for [row_chunk, Dv] or [row_chunk, vocab_chunk]. The
+    non-draft rows only need their maximum (amax is ~10x cheaper than argmax on CPU); the rare
+    exact ties with the draft maximum are resolved on the full row, as argmax would.
+    """
     dt = compute_dtype(final_hidden)
-    dev = final_hidden.device.type
-    with torch.autocast(dev, enabled=False):
-        x = final_hidden.to(dt)
-        t2d = t2d.to(lm_head_weight.device)
-        draft_ids = torch.nonzero(t2d).flatten()
-        other_ids = torch.nonzero(~t2d).flatten()
-        logits = x @ lm_head_weight.index_select(0, draft_ids).to(dt).T
-        d_arg = logits.argmax(-1)
-        d_max = logits.gather(1, d_arg[:, None]).squeeze(1)
-        d_tid = draft_ids[d_arg]
-        n = x.shape[0]
-        o_max = torch.full((n,), float("-inf"), dtype=dt, device=x.device)
-        o_tid = torch.full((n,), lm_head_weight.shape[0], dtype=torch.long, device=x.device)
-        chunk = max(256, max_chunk_elems // max(n, 1))
-        for i in range(0, len(other_ids), chunk):  # ascending ids: strict > keeps the first maximum
-            ids = other_ids[i : i + chunk]
-            c = x @ lm_head_weight.index_select(0, ids).to(dt).T
-            c_arg = c.argmax(-1)
-            c_max = c.gather(1, c_arg[:, None]).squeeze(1)
-            better = c_max > o_max
-            o_max = torch.where(better, c_max, o_max)
-            o_tid = torch.where(better, ids[c_arg], o_tid)
-        in_draft = (d_max > o_max) | ((d_max == o_max) & (d_tid < o_tid))
-    return TeacherTargets(logits=logits, argmax=d_arg, in_draft=in_draft)
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    dev = final_hidden.device
+    n = final_hidden.shape[0]
+    with torch.autocast(dev.type, enabled=False):
+        w_draft, w_other = _split_head(lm_head_weight, t2d, dt, vocab_chunk)
+        dv = w_draft.shape[0]
+        probs = torch.empty(n, dv, dtype=dt, device=dev)
+        argmax = torch.empty(n, dtype=torch.long, device=dev)
+        in_draft = torch.empty(n, dtype=torch.bool, device=dev)
+        rc = max(1, min(row_chunk, n))
+        z_lo = torch.empty(rc, dv, dtype=dt, device=dev)
+        z_buf = torch.empty(rc, dv, dtype=acc, device=dev) if dt != acc else z_lo
+        p_buf = torch.empty(rc, dv, dtype=acc, device=dev)
+        o_lo = torch.empty(rc, vocab_chunk, dtype=dt, device=dev)
+        for r in range(0, n, row_chunk):
+            c = min(row_chunk, n - r)
+            x = final_hidden[r : r + c].to(dt)
+            z = z_buf[:c].copy_(torch.mm(x, w_draft.T, out=z_lo[:c]))
+            d_max, d_arg = z.max(-1)
+            argmax[r : r + c] = d_arg
+            probs[r : r + c] = torch._softmax(z, -1, False, out=p_buf[:c])
+            o_max = torch.full((c,), float("-inf"), dtype=dt, device=dev)
+            for w in w_other:
+                o_max = torch.maximum(o_max, torch.mm(x, w.T, out=o_lo[:c, : w.shape[0]]).amax(-1))
+            d_max = d_max.to(dt)
+            inside = d_max > o_max
+            ties = torch.nonzero(d_max == o_max).flatten()
+            if len(ties):  # exact ties (common in bf16): the first id wins, as argmax over all rows
+                full = x.index_select(0, ties) @ lm_head_weight.T.to(dt)
+                inside[ties] = t2d.to(dev)[full.argmax(-1)]
+            in_draft[r : r + c] = inside
+    return TeacherTargets(probs=probs, argmax=argmax, in_draft=in_draft)
+
+
+_HEAD_CACHE: dict[str, tuple] = {}
+
+
+def _split_head(weight: Tensor, t2d: Tensor, dt: torch.dtype, vocab_chunk: int) -> tuple[Tensor, list[Tensor]]:
+    """Draft rows and vocab_chunk blocks of the other rows of the target head, in dtype dt.
+
+    The head is frozen and the same every step, so the last split is kept (about 100 ms of
+    gather + cast per call otherwise), keyed by the very tensors (weak references) and their
+    version counters so an in-place update or a new tensor is never served stale.
+    """
+    key = (dt, vocab_chunk, weight._version, t2d._version, weight.shape, t2d.shape)
+    hit = _HEAD_CACHE.get("head")
+    if hit is not None and hit[0]() is weight and hit[1]() is t2d and hit[2] == key:
+        return hit[3], hit[4]
+    t2d_w = t2d.to(weight.device)
+    w_draft = weight.index_select(0, torch.nonzero(t2d_w).flatten()).to(dt)
+    other = torch.nonzero(~t2d_w).flatten()
+    w_other = [weight.index_select(0, other[i : i + vocab_chunk]).to(dt) for i in range(0, len(other), vocab_chunk)]
+    _HEAD_CACHE["head"] = (weakref.ref(weight), weakref.ref(t2d), key, w_draft, w_other)
+    return w_draft, w_other
 
 
 class _FusedLinearSoftCE(torch.autograd.Function):
+    """Loss and both gradients in one chunked pass; backward only scales them.
+
+    Matmuls run on `chunk` rows at a time in the compute dtype; the float32 softmax arithmetic
+    runs on `sub` rows at a time in a small workspace that stays in cache, so only the low
+    precision logits / teacher rows / gradient rows travel through memory. All buffers are
+    allocated once per call: fresh multi-megabyte tensors per chunk cost more in page faults
+    than the arithmetic on them.
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         h: Tensor,
         weight: Tensor,
-        t_logits: Tensor,
+        t_probs: Tensor,
         t_rows: Tensor,
         t_argmax: Tensor,
         dt: torch.dtype,
         chunk: int,
+        sub: int,
     ) -> tuple[Tensor, Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_g = need_h or need_w
         ctx.w_dtype = weight.dtype
-        n = h.shape[0]
-        w = weight.to(dt)
+        n, dev = h.shape[0], h.device
+        dv, hd = weight.shape
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        w = weight.to(dt)
+        loss = torch.zeros((), dtype=acc, device=dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
-        with torch.autocast(h.device.type, enabled=False):
+        grad_w = None
+        if need_w:  # written by the first chunk; zeros only when there is none
+            grad_w = torch.empty(weight.shape, dtype=acc, device=dev) if n else torch.zeros_like(weight, dtype=acc)
+        rc, rs = max(1, min(chunk, n)), max(1, min(sub, chunk, n))
+
+        def buf(rows: int, dtype: torch.dtype, cols: int = dv) -> Tensor:
+            return torch.empty(rows, cols, dtype=dtype, device=dev)
+
+        z_lo = buf(rc, dt)  # logits of a chunk, compute dtype
+        g_lo = buf(rc, dt) if need_g else None  # d loss / d logits of a chunk
+        z, q, p = buf(rs, acc), buf(rs, acc), buf(rs, acc)  # the cache-sized float32 workspace
+        p_lo = buf(rs, t_probs.dtype) if t_probs.dtype != acc else None
+        gw_lo = buf(dv, dt, hd) if need_w and dt != acc else None
+        gw_hi = buf(dv, acc, hd) if gw_lo is not None and n > chunk else None
+        with torch.autocast(dev.type, enabled=False):
             for i in range(0, n, chunk):
-                hc = h[i : i + chunk].to(dt)
-                rows = t_rows[i : i + chunk]
-                z = hc @ w.T
-                lsm = torch.log_softmax(z, dim=-1, dtype=acc)
-                del z
-                pt = torch.softmax(t_logits.index_select(0, rows), dim=-1, dtype=acc)
-                loss -= torch.linalg.vecdot(pt, lsm).sum()
-                correct += (lsm.argmax(-1) == t_argmax.index_select(0, rows)).sum()
-                if need_h or need_w:
-                    g = lsm.exp_().sub_(pt).to(dt)  # d loss / d logits = softmax(draft) - teacher
-                    del pt, lsm
-                    if need_h:
-                        grad_h[i : i + chunk] = g @ w
-                    if need_w:
-                        grad_w += (g.T @ hc).to(acc)
-        ctx.save_for_backward(grad_h, grad_w)
+                c = min(chunk, n - i)
+                hc = h[i : i + c].to(dt)
+                torch.mm(hc, w.T, out=z_lo[:c])
+                for j in range(0, c, sub):
+                    e = min(sub, c - j)
+                    rows = t_rows[i + j : i + j + e]
+                    ze, qe, pe = z[:e], q[:e], p[:e]
+                    ze.copy_(z_lo[j : j + e])
+                    m = ze.amax(-1)
+                    # top-1 agreement: the teacher's top token is a maximum of the draft logits
+                    correct += (ze.gather(1, t_argmax.index_select(0, rows)[:, None]).squeeze(1) == m).sum()
+                    if p_lo is not None:
+                        pe.copy_(torch.index_select(t_probs, 0, rows, out=p_lo[:e]))
+                    else:
+                        torch.index_select(t_probs, 0, rows, out=pe)
+                    p_sum = pe.sum(-1)
+                    torch._softmax(ze, -1, False, out=qe)
+                    lse = m - qe.amax(-1).log()  # the max of a softmax is exp(max - lse)
+                    # sum_j p_j (lse - z_j): exact even when stored probabilities do not sum to 1
+                    loss += torch.dot(lse, p_sum) - torch.dot(pe.flatten(), ze.flatten())
+                    if need_g:
+                        g_lo[j : j + e].copy_(qe.mul_(p_sum[:, None]).sub_(pe))  # d loss / d logits
+                if not need_g:
+                    continue
+                g = g_lo[:c]
+                if need_h and grad_h.dtype == dt:
+                    torch.mm(g, w, out=grad_h[i : i + c])
+                elif need_h:
+                    grad_h[i : i + c] = g @ w
+                if need_w and gw_lo is None:
+                    grad_w.addmm_(g.T, hc, beta=1.0 if i else 0.0)
+                elif need_w:  # low-precision product, accumulated in float32 (never mixed-dtype add_:
+                    torch.mm(g.T, hc, out=gw_lo)  # that is a slow scalar path on CPU)
+                    if i:
+                        grad_w.add_(gw_hi.copy_(gw_lo))
+                    else:
+                        grad_w.copy_(gw_lo)
+        # intermediates, not inputs or outputs: kept on ctx and scaled in place in backward
+        ctx.grads = (grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx, d_loss: Tensor, _d_correct: Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        gh = (grad_h * d_loss.to(grad_h.dtype)) if grad_h is not None else None
-        gw = (grad_w * d_loss).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # a second backward through this graph is not supported
+        gh = grad_h.mul_(d_loss.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(d_loss).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None
 
 
 def fused_linear_soft_ce(
     hidden: Tensor,
     weight: Tensor,
-    teacher_logits: Tensor,
+    teacher_probs: Tensor,
     teacher_rows: Tensor,
     teacher_argmax: Tensor,
-    chunk: int = 1024,
+    chunk: int | None = None,
+    sub: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sum over rows of CE(softmax(teacher_logits[teacher_rows]), log_softmax(hidden @ weight.T)).
+    """Sum over rows of CE(teacher_probs[teacher_rows], log_softmax(hidden @ weight.T)).
 
-    hidden [n, H] (already normed), weight [Dv, H], teacher_logits [N, Dv], teacher_rows [n] long
-    (row of each hidden row in teacher_logits), teacher_argmax [N]. Returns (loss_sum float32
-    (float64 for a float64 model),
-    correct long: rows whose draft argmax equals the teacher's). Matmuls in the autocast dtype
-    when autocast is on; softmax and accumulation in float32.
+    hidden [n, H] (already normed), weight [Dv, H], teacher_probs [N, Dv], teacher_rows [n] long
+    (row of each hidden row in teacher_probs), teacher_argmax [N]. Returns (loss_sum float32
+    (float64 for a float64 model), correct long: rows whose teacher top token is a top draft
+    logit; ties, which only low precision makes likely, count as agreement). Matmuls in the
+    autocast dtype when autocast is on; softmax and accumulation in float32. `chunk` rows per
+    matmul (default: a [chunk, Dv] block of about 2^24 elements), `sub` rows per float32 step
+    (default about 2^19 elements: cache-sized).
     """
     dt = compute_dtype(hidden)
-    return _FusedLinearSoftCE.apply(hidden, weight, teacher_logits, teacher_rows, teacher_argmax, dt, chunk)
+    dv = weight.shape[0]
+    chunk = chunk or max(16, (1 << 24) // dv)
+    sub = sub or max(4, (1 << 19) // dv)
+    return _FusedLinearSoftCE.apply(hidden, weight, teacher_probs, teacher_rows, teacher_argmax, dt, chunk, sub)
 
 
 def ttt_objective(out, counts: Tensor | None = None, decay: float = 0.8) -> Tensor:

@@ -45,7 +45,7 @@ def ttt_forward(
     steps: int = 7,
     attention: str = "efficient",
     checkpoint: bool = False,
-    loss_chunk: int = 1024,
+    loss_chunk: int | None = None,
 ) -> TTTOutput:
     """input_ids / attention_mask / loss_mask [B, L] (right padded), aux [B, L, 3*Ht],
     final_hidden [B, L, Ht] (after the target's final norm), target_lm_head_weight [V, Ht].
@@ -99,7 +99,7 @@ def ttt_forward(
         u_idx = t_idx + 1 + k
         rows = out.flatten(0, 1).index_select(0, t_idx)
         loss, correct = fused_linear_soft_ce(
-            draft.norm(rows), draft.lm_head.weight, teacher.logits, row_of[u_idx], teacher.argmax, loss_chunk
+            draft.norm(rows), draft.lm_head.weight, teacher.probs, row_of[u_idx], teacher.argmax, loss_chunk
         )
         losses.append(loss)
         corrects.append(correct)

@@ -1,0 +1,247 @@
+"""Training-step throughput and peak memory of the draft, TTT attention paths compared.
+
+One full step = 7 TTT steps, loss, backward, AdamW step, for the SmolLM2-135M draft shape at
+batch 1. Each (path, dtype, L) runs in its own subprocess so its peak RSS (os.wait4 rusage of
+that child) is clean; a path stops at the first L that runs out of the memory limit. Prints a
+table against the SpecForge v0.2.0 reference measured on this machine (issue 3) and writes JSON.
+
+    python benchmarks/train_step.py                       # the full table
+    python benchmarks/train_step.py --lengths 512 --iters 1 --paths efficient --dtypes bf16
+    python benchmarks/train_step.py --online               # target forward included (hook below)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+GIB = 1 << 30
+SHAPE = dict(  # the SmolLM2-135M draft (target: 30 layers, hidden 576)
+    hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+    rms_norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None, max_position_embeddings=8192,
+    vocab_size=49152, draft_vocab_size=16000, target_hidden_size=576, aux_layer_ids=[2, 15, 27],
+)
+# SpecForge v0.2.0, sdpa path, full training step, this machine (issue 3): tok/s, peak RSS GiB
+SPECFORGE = {
+    ("bf16", 512): (870, 1.7), ("bf16", 2048): (441, 4.6), ("bf16", 4096): (267, 11.6),
+    ("fp32", 512): (305, 2.3), ("fp32", 2048): (175, 5.1), ("fp32", 4096): (145, 11.9),
+    ("online-bf16", 512): (593, None), ("online-bf16", 2048): (361, None),
+}
+GOALS = {2048: ("tok/s >= 1.5x 441 = 662", 662.0, None), 4096: ("tok/s >= 2x 267 = 534, peak <= 3 GiB", 534.0, 3.0),
+         8192: ("trained in <= 6 GiB", None, 6.0)}
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# child: one configuration
+
+
+def random_batch_fn(L: int, seed: int = 0) -> tuple[Callable[[], dict], object]:
+    """Features given (offline): random aux / final hidden, every position supervised."""
+    import torch
+
+    from draftforge.draft.config import DraftModelConfig
+    from draftforge.draft.model import Eagle3Draft
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = DraftModelConfig(**SHAPE)
+    draft = Eagle3Draft(cfg)
+    V, Dv, Ht = cfg.vocab_size, cfg.draft_vocab_size, cfg.target_hidden_size
+    ids = torch.sort(torch.randperm(V, generator=g)[:Dv]).values
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[ids] = True
+    draft.set_vocab_mapping(ids - torch.arange(Dv), t2d)
+    draft.load_target_embedding(torch.randn(V, Ht, generator=g) * 0.02)
+    head = torch.randn(V, Ht, generator=g) * 0.05
+    head[t2d] *= 4  # the target's argmax lands in the draft vocabulary: all positions supervised
+    batch = dict(
+        input_ids=torch.randint(0, V, (1, L), generator=g),
+        attention_mask=torch.ones(1, L, dtype=torch.long),
+        loss_mask=torch.ones(1, L, dtype=torch.long),
+        aux=torch.randn(1, L, 3 * Ht, generator=g),
+        final_hidden=torch.randn(1, L, Ht, generator=g),
+        target_lm_head_weight=head,
+    )
+    return (lambda: batch), draft
+
+
+def online_batch_fn(L: int, seed: int = 0) -> tuple[Callable[[], dict], object]:
+    """--online hook: return (fn, draft) where fn() runs the SmolLM2 target forward on a batch of
+    L tokens inside the timed step and returns the same dict as `random_batch_fn` (aux taps,
+    final hidden after the norm, the target lm_head weight), via draftforge.target.hf."""
+    raise NotImplementedError("--online is not wired yet: implement online_batch_fn with draftforge.target.hf")
+
+
+def run_child(spec: dict) -> dict:
+    import torch
+
+    from draftforge.train.ttt import ttt_forward, ttt_objective
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    L, bf16 = spec["L"], spec["dtype"] == "bf16"
+    make = online_batch_fn if spec["online"] else random_batch_fn
+    get_batch, draft = make(L)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> object:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = ttt_forward(draft, **get_batch(), steps=spec["steps"], attention=spec["path"],
+                              checkpoint=spec["checkpoint"])
+        ttt_objective(out).backward()
+        opt.step()
+        return out
+
+    out = step()  # warm-up (allocator, oneDNN primitive caches)
+    times = []
+    for _ in range(spec["iters"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    import resource
+
+    return dict(
+        ms=1e3 * min(times), ms_all=[round(1e3 * t, 1) for t in times], supervised=out.count.tolist(),
+        self_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: subprocess per configuration, RSS watchdog, table
+
+
+def measure(spec: dict, mem_limit_gib: float, timeout_s: float) -> dict:
+    """Run one configuration in a child; kill it above the memory limit or the time limit."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".json") as f:
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), "--child-out", f.name],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        killed: dict[str, str] = {}
+        stop = threading.Event()
+
+        def watchdog() -> None:
+            t0 = time.monotonic()
+            while not stop.wait(0.05):
+                rss = _rss_gib(proc.pid)
+                if rss is not None and rss > mem_limit_gib:
+                    killed["why"] = f"out of memory (> {mem_limit_gib:g} GiB limit)"
+                elif time.monotonic() - t0 > timeout_s:
+                    killed["why"] = f"timeout (> {timeout_s:g} s)"
+                else:
+                    continue
+                proc.kill()
+                return
+
+        th = threading.Thread(target=watchdog, daemon=True)
+        th.start()
+        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stop.set()
+        th.join()
+        peak = usage.ru_maxrss * 1024 / GIB  # kilobytes on Linux
+        res: dict = dict(spec, peak_rss_gib=round(peak, 3))
+        if killed or proc.returncode != 0:
+            why = killed.get("why") or ("out of memory (killed)" if proc.returncode in (-9, 137)
+                                        else f"failed rc={proc.returncode}: {stderr.strip()[-400:]}")
+            return dict(res, error=why)
+        child = json.loads(Path(f.name).read_text())
+        return dict(res, **child, tok_s=round(spec["L"] / (child["ms"] / 1e3), 1))
+
+
+def _rss_gib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        return None
+    return None
+
+
+def table(results: list[dict], online: bool) -> str:
+    head = (f"{'L':>5} {'dtype':>5} {'path':>10} {'ms/step':>9} {'tok/s':>7} {'peak GiB':>8} "
+            f"{'SpecForge tok/s':>15} {'GiB':>5} {'speedup':>7}  goal")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        key = ("online-" if online else "") + r["dtype"]
+        ref_tok, ref_gib = SPECFORGE.get((key, r["L"]), (None, None))
+        if "error" in r:
+            body = f"{'':>9} {'':>7} {r['peak_rss_gib']:>8.2f}   {r['error']}"
+            lines.append(f"{r['L']:>5} {r['dtype']:>5} {r['path']:>10} {body}")
+            continue
+        speed = f"{r['tok_s'] / ref_tok:.2f}x" if ref_tok else "-"
+        goal = ""
+        if r["path"] == "efficient" and r["dtype"] == "bf16" and r["L"] in GOALS and not online:
+            text, tok_goal, gib_goal = GOALS[r["L"]]
+            ok = (tok_goal is None or r["tok_s"] >= tok_goal) and (gib_goal is None or r["peak_rss_gib"] <= gib_goal)
+            goal = f"{'MET' if ok else 'MISSED'} ({text})"
+        ref_tok_s = f"{ref_tok}" if ref_tok else "-"
+        ref_gib_s = f"{ref_gib}" if ref_gib else ("OOM" if r["L"] == 8192 else "-")
+        lines.append(f"{r['L']:>5} {r['dtype']:>5} {r['path']:>10} {r['ms']:>9.0f} {r['tok_s']:>7.0f} "
+                     f"{r['peak_rss_gib']:>8.2f} {ref_tok_s:>15} {ref_gib_s:>5} {speed:>7}  {goal}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
+    ap.add_argument("--paths", nargs="+", default=["reference", "efficient"],
+                    choices=["reference", "efficient", "blockwise"])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up (best is reported)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=7, help="TTT steps")
+    ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing of the unrolled steps")
+    ap.add_argument("--online", action="store_true", help="include the SmolLM2 target forward (online_batch_fn)")
+    ap.add_argument("--mem-limit-gib", type=float, default=18.0, help="a child above this RSS is killed: OOM")
+    ap.add_argument("--timeout-s", type=float, default=1800.0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        Path(args.child_out).write_text(json.dumps(run_child(json.loads(args.child))))
+        return
+
+    results = []
+    for dtype in args.dtypes:
+        for path in args.paths:
+            for L in sorted(args.lengths):
+                spec = dict(L=L, dtype=dtype, path=path, iters=args.iters, threads=args.threads, steps=args.steps,
+                            checkpoint=args.checkpoint, online=args.online)
+                r = measure(spec, args.mem_limit_gib, args.timeout_s)
+                results.append(r)
+                msg = r.get("error") or f"{r['ms']:.0f} ms/step, {r['tok_s']:.0f} tok/s"
+                print(f"  L={L} {dtype} {path}: {msg}, peak {r['peak_rss_gib']:.2f} GiB", flush=True)
+                if "error" in r:
+                    break  # longer sequences of this path would run out too
+    print()
+    print(table(results, args.online))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), shape=SHAPE,
+                threads=args.threads, ttt_steps=args.steps, batch=1, online=args.online,
+                checkpoint=args.checkpoint, loadavg_at_end=os.getloadavg(), specforge_reference=
+                {f"{k[0]}@{k[1]}": v for k, v in SPECFORGE.items()})
+    args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
