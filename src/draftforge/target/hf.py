@@ -11,12 +11,8 @@ import torch
 from torch import nn
 
 from draftforge.assets import resolve_model_path
+from draftforge.draft.config import default_aux_layers
 from draftforge.target.base import TargetFeatures, TargetHead
-
-
-def default_aux_layers(num_layers: int) -> list[int]:
-    """DESIGN 2.1: low / mid / high taps, HF hidden_states index ("input of decoder layer i")."""
-    return [2, num_layers // 2, num_layers - 3]
 
 
 def text_config(config):
