@@ -22,7 +22,55 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        """Output in x's dtype (float32 statistics); under autograd only x and 1/rms are kept."""
+        if _FUSED_RMS is None:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        return _FUSED_RMS(x, [x.shape[-1]], self.weight, self.eps)[0]
+
+
+_FUSED_RMS = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """One fused kernel forward; backward by hand (torch 2.13 has no CPU fused backward).
+    The decomposed autograd path keeps five float32 copies of the input per norm."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        y, rstd = _FUSED_RMS(x, [x.shape[-1]], w, eps)
+        ctx.save_for_backward(x, rstd, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, rstd, w = ctx.saved_tensors
+        xh = x.to(rstd.dtype, copy=True).mul_(rstd)  # normalised input
+        g = dy.to(rstd.dtype, copy=True)
+        dw = (g * xh).flatten(0, -2).sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            g.mul_(w)
+            s = torch.linalg.vecdot(g, xh).div_(x.shape[-1]).unsqueeze(-1)
+            dx = xh.mul_(s).neg_().add_(g).mul_(rstd).to(x.dtype)
+        return dx, dw, None
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up keeping only gate and up for backward (not silu(gate) as well)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(dy * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = F.silu(gate).mul_(dy) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
 
 
 def rope_inv_freq(cfg: DraftModelConfig) -> tuple[Tensor, float]:
@@ -86,15 +134,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        if cfg.hidden_act == "silu":
-            self.act = F.silu
-        else:
+        self.act = None
+        if cfg.hidden_act != "silu":
             from transformers.activations import ACT2FN
 
             self.act = ACT2FN[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is None:
+            return self.down_proj(_SiluMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
+
 
 
 class DecoderLayer(nn.Module):

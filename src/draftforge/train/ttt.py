@@ -19,7 +19,13 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from draftforge.draft.attention import ttt_attention
 from draftforge.draft.model import Eagle3Draft
-from draftforge.train.loss import fused_linear_soft_ce, teacher_targets, ttt_metrics, ttt_objective
+from draftforge.train.loss import (
+    compute_dtype,
+    fused_linear_soft_ce,
+    teacher_targets,
+    ttt_metrics,
+    ttt_objective,
+)
 
 __all__ = ["TTTOutput", "ttt_forward", "ttt_objective", "ttt_metrics"]
 
@@ -67,8 +73,9 @@ def ttt_forward(
     sup_u = sup_u.view(B, L)
 
     ids = F.pad(input_ids, (0, steps), value=0)  # positions past the end are never read by valid rows
-    with torch.no_grad():
+    with torch.no_grad():  # frozen; cast once to the compute dtype rather than once per step
         emb_all = draft.embed_tokens(ids)
+        emb_all = emb_all.to(compute_dtype(emb_all))
     cos_all, sin_all = draft.rotary(torch.arange(L + steps, device=dev))
 
     h = draft.project(aux)
