@@ -159,3 +159,23 @@ def test_step_matches_manual_and_cache():
     assert torch.allclose(b2, b, atol=1e-12)
     logits = m.logits(full)
     assert logits.shape == (B, T, 20)
+
+
+def test_fused_norm_and_swiglu_gradients():
+    from draftforge.draft.model import MLP, RMSNorm, _SiluMul
+
+    norm = RMSNorm(8, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: norm(x), (x, norm.weight))
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert torch.allclose(norm(x), ref, atol=1e-12)
+    g, u = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(_SiluMul.apply, (g, u))
+    mlp = MLP(tiny_config()).double()
+    y = torch.randn(3, 32, dtype=torch.float64)
+    expect = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(y)) * mlp.up_proj(y))
+    assert torch.allclose(mlp(y), expect, atol=1e-12)
+    # bf16 activations with float32 weights (autocast): output keeps the activation dtype
+    assert norm.float()(torch.randn(4, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
