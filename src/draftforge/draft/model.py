@@ -157,16 +157,34 @@ class DecoderLayer(nn.Module):
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def qkv(self, emb: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv_weight(self) -> tuple[Tensor, Tensor]:
+        """[q; k; v] projection split into the columns reading the embedding and the hidden."""
+        a = self.self_attn
+        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        h = w.shape[1] // 2
+        return w[:, :h], w[:, h:]
+
+    def embed_part(self, emb: Tensor) -> Tensor:
+        """input_layernorm(emb) through the embedding half of q/k/v: [B, T, (Hq+2Hkv)*D].
+
+        Depends only on the token, not on the TTT step, so training computes it once per
+        sequence and every step slices it (saves a sixth of the layer's matmuls)."""
+        return F.linear(self.input_layernorm(emb), self._qkv_weight()[0])
+
+    def qkv(
+        self, emb: Tensor | None, hidden: Tensor, cos: Tensor, sin: Tensor, emb_part: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """emb, hidden [B, T, H] -> q [B, Hq, T, D], k / v [B, Hkv, T, D], RoPE applied.
 
-        One matmul for q, k and v over concat(input_layernorm(emb), hidden_norm(hidden)).
+        q/k/v of concat(input_layernorm(emb), hidden_norm(hidden)), as the embedding half
+        (`embed_part`, or given precomputed) plus the hidden half.
         """
         a = self.self_attn
-        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
-        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        q, k, v = F.linear(x, w).split([a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim], -1)
-        B, T = x.shape[:2]
+        if emb_part is None:
+            emb_part = self.embed_part(emb)
+        y = emb_part + F.linear(self.hidden_norm(hidden), self._qkv_weight()[1])
+        q, k, v = y.split([a.n_heads * a.head_dim, a.n_kv * a.head_dim, a.n_kv * a.head_dim], -1)
+        B, T = y.shape[:2]
         q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
         v = v.view(B, T, a.n_kv, a.head_dim).transpose(1, 2)

@@ -78,17 +78,18 @@ def ttt_forward(
         emb_all = emb_all.to(compute_dtype(emb_all))
     cos_all, sin_all = draft.rotary(torch.arange(L + steps, device=dev))
 
+    e_part = layer.embed_part(emb_all)  # token-only half of q/k/v, shared by all steps
     h = draft.project(aux)
     ks: list[Tensor] = []
     vs: list[Tensor] = []
     losses, corrects, counts = [], [], []
     for k in range(steps):
-        emb = emb_all[:, 1 + k : 1 + k + L]
+        ep = e_part[:, 1 + k : 1 + k + L]
         cos, sin = cos_all[None, k : k + L], sin_all[None, k : k + L]
 
-        def run(h: Tensor, *cache: Tensor, emb=emb, cos=cos, sin=sin) -> tuple[Tensor, Tensor, Tensor]:
+        def run(h: Tensor, *cache: Tensor, ep=ep, cos=cos, sin=sin) -> tuple[Tensor, Tensor, Tensor]:
             n = len(cache) // 2
-            q, kk, vv = layer.qkv(emb, h, cos, sin)
+            q, kk, vv = layer.qkv(None, h, cos, sin, emb_part=ep)
             attn = ttt_attention(q, [*cache[:n], kk], [*cache[n:], vv], impl=attention)
             return layer.finish(h, attn), kk, vv
 
