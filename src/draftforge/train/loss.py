@@ -140,9 +140,12 @@ class _FusedLinearSoftCE(torch.autograd.Function):
         def buf(rows: int, dtype: torch.dtype, cols: int = dv) -> Tensor:
             return torch.empty(rows, cols, dtype=dtype, device=dev)
 
+        low = dt != acc  # low-precision matmuls: float32 copies of each sub-block
         z_lo = buf(rc, dt)  # logits of a chunk, compute dtype
         g_lo = buf(rc, dt) if need_g else None  # d loss / d logits of a chunk
-        z, q, p = buf(rs, acc), buf(rs, acc), buf(rs, acc)  # the cache-sized float32 workspace
+        z = buf(rs, acc) if low else None  # the cache-sized float32 workspace
+        q = buf(rs, acc) if low or not need_g else None  # (else softmax is written into g_lo)
+        p = buf(rs, acc)
         p_lo = buf(rs, t_probs.dtype) if t_probs.dtype != acc else None
         gw_lo = buf(dv, dt, hd) if need_w and dt != acc else None
         gw_hi = buf(dv, acc, hd) if gw_lo is not None and n > chunk else None
@@ -154,8 +157,9 @@ class _FusedLinearSoftCE(torch.autograd.Function):
                 for j in range(0, c, sub):
                     e = min(sub, c - j)
                     rows = t_rows[i + j : i + j + e]
-                    ze, qe, pe = z[:e], q[:e], p[:e]
-                    ze.copy_(z_lo[j : j + e])
+                    pe = p[:e]
+                    ze = z[:e].copy_(z_lo[j : j + e]) if low else z_lo[j : j + e]
+                    qe = q[:e] if low or not need_g else g_lo[j : j + e]
                     m = ze.amax(-1)
                     # top-1 agreement: the teacher's top token is a maximum of the draft logits
                     correct += (ze.gather(1, t_argmax.index_select(0, rows)[:, None]).squeeze(1) == m).sum()
@@ -169,7 +173,9 @@ class _FusedLinearSoftCE(torch.autograd.Function):
                     # sum_j p_j (lse - z_j): exact even when stored probabilities do not sum to 1
                     loss += torch.dot(lse, p_sum) - torch.dot(pe.flatten(), ze.flatten())
                     if need_g:
-                        g_lo[j : j + e].copy_(qe.mul_(p_sum[:, None]).sub_(pe))  # d loss / d logits
+                        qe.mul_(p_sum[:, None]).sub_(pe)  # d loss / d logits
+                        if low:
+                            g_lo[j : j + e].copy_(qe)
                 if not need_g:
                     continue
                 g = g_lo[:c]
