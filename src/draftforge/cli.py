@@ -15,11 +15,13 @@ from draftforge.config import ConfigError
 # name -> (module, one-line help). Order is the pipeline order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("draftforge.data.conversations", "normalise conversation data to JSONL, with a rejects file"),
+    "regenerate": ("draftforge.data.regenerate", "replace assistant turns with the target's answers from a server"),
     "inspect": ("draftforge.data.inspect", "show a tokenised sample with its supervised tokens highlighted"),
     "vocab": ("draftforge.data.vocab", "select the draft vocabulary (d2t / t2d) from assistant tokens"),
     "train": ("draftforge.train.trainer", "train an EAGLE-3 draft (online target features)"),
     "export": ("draftforge.export.formats", "export a checkpoint for SGLang / vLLM, or --check a draft dir"),
     "eval": ("draftforge.eval.speculate", "measure acceptance length and speedup with the built-in decoder"),
+    "serve": ("draftforge.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),
     "demo": ("draftforge.demo", "run the whole pipeline on SmolLM2-135M-Instruct and packaged ShareGPT"),
 }
 
