@@ -125,3 +125,17 @@ def test_fused_soft_ce_no_rows():
     loss.backward()
     assert loss.item() == 0.0 and correct.item() == 0
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_teacher_targets_bf16_ties_follow_full_argmax():
+    """bf16 logits tie often; in_draft must still be t2d[argmax] of the full bf16 logits."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-2, 3, (64, H), generator=g).float()  # small integer logits: many exact ties
+    w = torch.randint(-2, 3, (V, H), generator=g).float()
+    t2d = _vocab(5)
+    full = x @ w.T
+    assert ((full == full.amax(-1, keepdim=True)).sum(-1) > 1).sum() > 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t = teacher_targets(x, w, t2d, row_chunk=16, vocab_chunk=64)
+    assert torch.equal(t.in_draft, t2d[full.argmax(-1)])
+    assert t.probs.dtype == torch.bfloat16

@@ -48,7 +48,7 @@ def teacher_targets(
     dev = final_hidden.device
     n = final_hidden.shape[0]
     with torch.autocast(dev.type, enabled=False):
-        w_draft, w_other = _split_head(lm_head_weight, t2d, dt, vocab_chunk)
+        draft_ids, w_draft, other_ids, w_other = _split_head(lm_head_weight, t2d, dt, vocab_chunk)
         dv = w_draft.shape[0]
         probs = torch.empty(n, dv, dtype=dt, device=dev)
         argmax = torch.empty(n, dtype=torch.long, device=dev)
@@ -64,16 +64,26 @@ def teacher_targets(
             z = z_buf[:c].copy_(torch.mm(x, w_draft.T, out=z_lo[:c]))
             d_max, d_arg = z.max(-1)
             argmax[r : r + c] = d_arg
-            probs[r : r + c] = torch._softmax(z, -1, False, out=p_buf[:c])
+            if dt == acc:
+                torch._softmax(z, -1, False, out=probs[r : r + c])
+            else:
+                probs[r : r + c] = torch._softmax(z, -1, False, out=p_buf[:c])
             o_max = torch.full((c,), float("-inf"), dtype=dt, device=dev)
             for w in w_other:
                 o_max = torch.maximum(o_max, torch.mm(x, w.T, out=o_lo[:c, : w.shape[0]]).amax(-1))
             d_max = d_max.to(dt)
             inside = d_max > o_max
             ties = torch.nonzero(d_max == o_max).flatten()
-            if len(ties):  # exact ties (common in bf16): the first id wins, as argmax over all rows
-                full = x.index_select(0, ties) @ lm_head_weight.T.to(dt)
-                inside[ties] = t2d.to(dev)[full.argmax(-1)]
+            if len(ties):  # exact ties (common in bf16): the lowest id wins, as in argmax
+                xt, mt = x.index_select(0, ties), o_max[ties, None]
+                o_tid = torch.full_like(ties, len(t2d))
+                off = 0
+                for w in w_other:
+                    eq = (xt @ w.T) == mt
+                    first = other_ids[off + eq.to(torch.uint8).argmax(-1)]
+                    o_tid = torch.minimum(o_tid, torch.where(eq.any(-1), first, len(t2d)))
+                    off += w.shape[0]
+                inside[ties] = draft_ids[d_arg[ties]] < o_tid
             in_draft[r : r + c] = inside
     return TeacherTargets(probs=probs, argmax=argmax, in_draft=in_draft)
 
@@ -81,8 +91,11 @@ def teacher_targets(
 _HEAD_CACHE: dict[str, tuple] = {}
 
 
-def _split_head(weight: Tensor, t2d: Tensor, dt: torch.dtype, vocab_chunk: int) -> tuple[Tensor, list[Tensor]]:
-    """Draft rows and vocab_chunk blocks of the other rows of the target head, in dtype dt.
+def _split_head(
+    weight: Tensor, t2d: Tensor, dt: torch.dtype, vocab_chunk: int
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(draft ids, their rows, other ids, blocks of vocab_chunk other rows) of the target head
+    in dtype dt.
 
     The head is frozen and the same every step, so the last split is kept (about 100 ms of
     gather + cast per call otherwise), keyed by the very tensors (weak references) and their
@@ -91,13 +104,15 @@ def _split_head(weight: Tensor, t2d: Tensor, dt: torch.dtype, vocab_chunk: int) 
     key = (dt, vocab_chunk, weight._version, t2d._version, weight.shape, t2d.shape)
     hit = _HEAD_CACHE.get("head")
     if hit is not None and hit[0]() is weight and hit[1]() is t2d and hit[2] == key:
-        return hit[3], hit[4]
+        return hit[3]
     t2d_w = t2d.to(weight.device)
-    w_draft = weight.index_select(0, torch.nonzero(t2d_w).flatten()).to(dt)
+    draft_ids = torch.nonzero(t2d_w).flatten()
     other = torch.nonzero(~t2d_w).flatten()
+    w_draft = weight.index_select(0, draft_ids).to(dt)
     w_other = [weight.index_select(0, other[i : i + vocab_chunk]).to(dt) for i in range(0, len(other), vocab_chunk)]
-    _HEAD_CACHE["head"] = (weakref.ref(weight), weakref.ref(t2d), key, w_draft, w_other)
-    return w_draft, w_other
+    split = (draft_ids, w_draft, other, w_other)
+    _HEAD_CACHE["head"] = (weakref.ref(weight), weakref.ref(t2d), key, split)
+    return split
 
 
 class _FusedLinearSoftCE(torch.autograd.Function):

@@ -5,7 +5,7 @@ Step k at index t sees embed(x[t+1+k]), the hidden fc(aux[t]) (k = 0) or its own
 pre-norm output at t, RoPE position t+k, and is taught the target's draft-vocabulary
 distribution at index t+1+k. A row is supervised iff t+2+k is a valid index, the predicted token
 x[t+2+k] is an assistant token (loss_mask) and the target's full-vocabulary argmax at t+1+k is a
-draft token. Teacher logits are computed once per index and shared by all steps.
+draft token. Teacher probabilities are computed once per index and shared by all steps.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = ["TTTOutput", "ttt_forward", "ttt_objective", "ttt_metrics"]
 @dataclass
 class TTTOutput:
     loss_sum: Tensor  # [K] float32, differentiable: sum of soft-CE over supervised rows per step
-    correct: Tensor  # [K] long: rows where the draft's argmax equals the teacher's
+    correct: Tensor  # [K] long: rows whose teacher top token is a top draft logit (top-1 agreement)
     count: Tensor  # [K] long: supervised rows per step
 
     def metrics(self) -> dict[str, float]:
