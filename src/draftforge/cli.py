@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("draftforge.export.formats", "export a checkpoint for SGLang / vLLM, or --check a draft dir"),
     "eval": ("draftforge.eval.speculate", "measure acceptance length and speedup with the built-in decoder"),
     "serve": ("draftforge.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),
+    "bench": ("draftforge.eval.bench", "benchmark a served draft: throughput, latency, acceptance, speedup"),
     "demo": ("draftforge.demo", "run the whole pipeline on SmolLM2-135M-Instruct and packaged ShareGPT"),
 }
 
