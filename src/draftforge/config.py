@@ -67,11 +67,21 @@ class TrainConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    store: str | None = None  # feature store dir: `capture` writes it, then `train` reads it instead of a live target
+    store_dtype: str = "bf16"  # bf16 | fp32 | int8 | fp8 (8-bit: e4m3 or int8 with per-row scales, half of bf16)
+    shard_mb: float = 256.0  # size of one shard on disk
+    capture_tokens: int = 8192  # tokens per target forward while capturing (padding counted)
+    prefetch: int = 2  # micro-batches read ahead in the background when training from a store
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

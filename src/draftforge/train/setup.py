@@ -1,4 +1,6 @@
-"""Turn a RunConfig into a ready Trainer: data, vocabulary, target, draft (online features)."""
+"""Turn a RunConfig into a ready Trainer: data, vocabulary, target, draft, and the feature source:
+the live target (online), or a feature store (`features.store`) with only the target's lm_head and
+embedding loaded. The Trainer gets a features function either way and cannot tell which."""
 
 from __future__ import annotations
 
@@ -69,9 +71,24 @@ def build_training(config: RunConfig) -> Trainer:
     train_idx, eval_idx = split_eval(list(dataset.ids), config.data.eval_fraction)
     train_set, eval_set = DatasetView(dataset, train_idx), DatasetView(dataset, eval_idx)
 
-    target = HFTarget.from_pretrained(
-        config.target.path, config.target.aux_layers, DTYPES[config.target.dtype], config.target.trust_remote_code
-    )
+    dtype, store = DTYPES[config.target.dtype], None
+    if config.features.store:
+        from draftforge.features.store import FeatureStore, StoreFeatures, store_identity
+        from draftforge.target.head import HeadOnlyTarget
+
+        target = HeadOnlyTarget.from_pretrained(
+            config.target.path, config.target.aux_layers, dtype, config.target.trust_remote_code
+        )
+        store = FeatureStore(config.features.store)
+        store.check(store_identity(config.target.path, dataset, target.aux_layers))
+        features = StoreFeatures(store, [train_set, eval_set], dtype, config.features.prefetch)
+    else:
+        target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, dtype,
+                                          config.target.trust_remote_code)
+
+        def features(batch: Batch):
+            return target.features(batch.input_ids, batch.attention_mask)
+
     draft_cfg = DraftModelConfig.from_target_config(
         target.config, config.draft.draft_vocab_size, target.aux_layers, config.draft.overrides
     )
@@ -87,13 +104,13 @@ def build_training(config: RunConfig) -> Trainer:
     print(f"data: {len(train_set):,} train / {len(eval_set):,} eval samples, "
           f"{int(train_set.lengths.sum()):,} train tokens")
 
-    def features(batch: Batch):
-        return target.features(batch.input_ids, batch.attention_mask)
-
     identity = {
         "target": config.target.path,
         "target_name": getattr(target.config, "name_or_path", config.target.path),
         "data": dataset.key,
         "aux_layers": target.aux_layers,
     }
-    return Trainer(config, draft, target.head, features, train_set, eval_set, identity)
+    trainer = Trainer(config, draft, target.head, features, train_set, eval_set, identity)
+    if store is not None:
+        features.follow(trainer)  # read the trainer's next batches in the background
+    return trainer

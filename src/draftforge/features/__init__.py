@@ -1,0 +1,1 @@
+"""Offline target features: capture them once into a store, train from the store."""
