@@ -318,6 +318,19 @@ def test_resume_cuts_a_half_written_line_and_skips_done_rows(tmp_path, stub):
     check_accounting(inp, out)
 
 
+def test_a_duplicate_id_reject_does_not_mark_the_first_row_done(tmp_path):
+    from draftforge.data.conversations import Row, iter_conversations
+    from draftforge.data.regenerate import plan
+
+    rows = conversations(2)
+    inp = write_jsonl(tmp_path / "in.jsonl", rows + [rows[0]])  # line 3 repeats row0's id: an input reject
+    items = list(iter_conversations([inp]))
+    # killed after the reject was written but before row0 was: row0 must still be done, the reject not again
+    errors = [{"id": "row0", "input": f"{inp}:3", "reason": "input_duplicate_id", "message": "dup"}]
+    todo = plan(items, [], errors)
+    assert [it.data["id"] for it in todo if isinstance(it, Row)] == ["row0", "row1"] and len(todo) == 2
+
+
 def test_all_servers_down_stops_the_run_resumably(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", conversations(5))
     out = tmp_path / "out.jsonl"
@@ -352,7 +365,7 @@ def test_cli_input_rejects_are_accounted(tmp_path, stub, capsys):
     args = ["regenerate", "--input", str(inp), "--output", str(out), "--server", s.url, "--no-progress"]
     assert main(args) == 0  # the model name comes from /v1/models
     text = capsys.readouterr().out
-    assert "inputs done: 3 = written 2 + errors 1" in text
+    assert "inputs 3 = written 2 + errors 1" in text
     assert [e["reason"] for e in read_rows(errors_path(out))] == ["input_invalid_json"]
     assert read_rows(out)[0]["regenerated"]["sampling"]["model"] == "stub-model"
     assert main(args) == 2  # exists: --resume or --overwrite

@@ -438,6 +438,7 @@ class RunStats:
     errors: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    inputs: int = 0  # input records (rows and rejects) this run was given
     skipped: int = 0  # already done by an earlier run (--resume)
     aborted: str | None = None
     servers: list[Server] = field(default_factory=list)
@@ -453,9 +454,11 @@ def _error_entry(item: Row | Reject, reason: str, message: str) -> dict[str, Any
 
 
 def plan(items: list[Row | Reject], done_rows: list[dict], errors: list[dict]) -> list[Row | Reject]:
-    """The items still to do: rows whose id, and rejects whose input location, appear in neither file."""
-    done_ids = {r["id"] for r in done_rows} | {e["id"] for e in errors if e.get("id") is not None}
-    done_inputs = {e["input"] for e in errors}
+    """The items still to do: rows whose id is in neither file, rejects whose input location is not in the errors.
+
+    An input reject may carry the id of a good row (a duplicate id): it marks its location done, not the id."""
+    done_ids = {r["id"] for r in done_rows} | {e["id"] for e in errors if not e["reason"].startswith("input_")}
+    done_inputs = {e["input"] for e in errors if e["reason"].startswith("input_")}
     return [it for it in items if (it.data["id"] not in done_ids if isinstance(it, Row) else
                                    _location(it) not in done_inputs)]  # fmt: skip
 
@@ -542,7 +545,7 @@ def regenerate(
     items = list(iter_conversations(inputs, fmt, max_rows))
     todo = plan(items, done_rows, errors)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    stats = RunStats(skipped=len(items) - len(todo))
+    stats = RunStats(inputs=len(items), skipped=len(items) - len(todo))
 
     async def main() -> None:
         pool = ServerPool(servers, rotation)
@@ -611,7 +614,9 @@ def format_summary(summary: dict[str, Any], stats: RunStats, output: Path) -> st
                  + (" (" + ", ".join(f"{k} {v}" for k, v in s["error_reasons"].items()) + ")" if s["errors"] else ""))
     for sv in stats.servers:
         lines.append(f"server {sv.url}: {sv.ok} answered, {sv.failed} failed, out of rotation {sv.outages}x")
-    lines.append(f"inputs done: {s['rows'] + s['errors']} = written {s['rows']} + errors {s['errors']}")
+    left = stats.inputs - stats.skipped - stats.rows - stats.errors
+    lines.append(f"inputs {stats.inputs} = written {s['rows']} + errors {s['errors']}" if not left
+                 else f"inputs {stats.inputs}: {left} not done yet; continue with --resume")
     return "\n".join(lines)
 
 
