@@ -80,14 +80,18 @@ def run(args: argparse.Namespace) -> int:
         exported[fmt] = str(path)
         print(f"  {fmt:<12} {path}  ({'clean' if not errors else 'PROBLEMS: ' + '; '.join(errors)})")
 
-    _banner(5, total, f"eval: built-in speculative decoder on {args.eval_prompts} MT-bench questions")
-    from draftforge.eval.speculate import evaluate_suite
+    _banner(5, total, f"eval: built-in speculative decoder on {args.eval_prompts} MT-bench conversations")
+    from draftforge.cli import main as cli
 
-    results = evaluate_suite(
-        draft_dir=exported["sglang"], target="smollm2", suite="mtbench",
-        configs=[(1, 3, 1, 4), (1, 3, 4, 8)], limit=args.eval_prompts,
-        max_new_tokens=args.max_new_tokens, out_json=out / "eval.json", out_png=out / "eval.png",
-    )
+    eval_json = out / "eval.json"
+    cli(["eval", "--draft", exported["sglang"], "--target", "smollm2", "--suite", "mtbench",
+         "--configs", "1,3,1,4", "1,3,4,8", "--limit", str(args.eval_prompts),
+         "--max-new-tokens", str(args.max_new_tokens), "--out", str(eval_json)])
+    measured = {
+        f"{suite} {key}": {"tau": round(r["accept_length"], 3), "speedup": round(r.get("speedup", 0.0), 3)}
+        for suite, by_config in json.loads(eval_json.read_text())["results"].items()
+        for key, r in by_config.items()
+    }
 
     summary = {
         "checkpoint": str(trainer.out / "checkpoints"),
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         **{k: round(v, 4) for k, v in final.items() if k.startswith(("acc_", "eval_acc_", "sim_tau", "eval_sim"))},
         "exported": exported,
         "tau_curve": str(curve),
-        "eval": results,
+        "eval": measured,
         "minutes": round((time.perf_counter() - t_start) / 60, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -108,5 +112,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"acc_k (eval)   {accs}")
     print(f"simulated τ    {pick('sim_tau'):.2f} (curve: {curve})")
     print(f"exported       {exported['sglang']} (SGLang/vLLM), {exported['speculators']} (speculators)")
+    for name, m in measured.items():
+        print(f"eval {name:<16} τ = {m['tau']:.2f}  speedup {m['speedup']:.2f}x (built-in decoder, this CPU)")
     print(f"summary        {out / 'summary.json'}  ({summary['minutes']} min)")
     return 0
