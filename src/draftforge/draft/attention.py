@@ -90,12 +90,11 @@ class _TTTAttention(torch.autograd.Function):
         a = (lse_cg - lse).exp()
         b = (s - lse).exp()
         # merged output in o_c's memory layout ([B, L, H, D] when q is a head-transposed view)
-        out = torch.empty_like(o_c, dtype=acc)
-        outg = _group(out, k0.shape[1])
-        torch.mul(_group(o_c, k0.shape[1]), a.unsqueeze(-1), out=outg)
+        # (operands upcast first: mixed-dtype in-place ops take a slow scalar path on CPU)
+        outg = _group(o_c, k0.shape[1]).to(acc, copy=True).mul_(a.unsqueeze(-1))
         for j, v in enumerate(vs):
-            outg.addcmul_(b[j].unsqueeze(-1), v.unsqueeze(2))
-        out = out.to(q.dtype)
+            outg.addcmul_(b[j].unsqueeze(-1), v.to(acc).unsqueeze(2))
+        out = outg.flatten(1, 2).to(q.dtype)
         ctx.save_for_backward(q, k0, v0, out, lse_c, a, b, *ks, *vs)
         return out
 
