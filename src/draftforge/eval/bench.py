@@ -283,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--out", default="bench_results.json", help="JSON results; the chart goes next to it")
+    parser.add_argument("--out", default="bench_results.json",
+                        help="JSON results; the chart (.png) and, with --launch, the engine logs go next to it")
     parser.add_argument("--no-progress", action="store_true")
 
 
