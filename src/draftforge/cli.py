@@ -14,6 +14,7 @@ from draftforge.config import ConfigError
 
 # name -> (module, one-line help). Order is the pipeline order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "recipe": ("draftforge.recipe", "write a training recipe for a target from its config.json, or --check recipes"),
     "prepare": ("draftforge.data.conversations", "normalise conversation data to JSONL, with a rejects file"),
     "regenerate": ("draftforge.data.regenerate", "replace assistant turns with the target's answers from a server"),
     "inspect": ("draftforge.data.inspect", "show a tokenised sample with its supervised tokens highlighted"),
