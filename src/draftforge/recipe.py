@@ -35,7 +35,7 @@ from draftforge.draft.config import DraftModelConfig, default_aux_layers
 
 DRAFT_VOCAB = 32000  # covers nearly all assistant tokens of a 100k-250k vocabulary (EAGLE-3, SpecForge)
 MLP_RATIO = 3.5  # Llama-3's 14336 / 4096: the draft MLP when the target defines no dense width
-ONLINE_MAX_GB = 50.0  # a bf16 target up to this size trains online next to the draft on one 80 GB GPU
+ONLINE_MAX_GB = 50.0  # a target whose weights (as shipped) fit this trains online next to the draft on one 80 GB GPU
 TOKENS_PER_CONVERSATION = 1000  # regenerated ShareGPT / UltraChat conversations at max_length 2048
 GPU_GB, BIG_GPU_GB, HEADROOM = 80.0, 141.0, 1.2  # H100, H200; weights x 1.2 leaves room for activations / KV
 
@@ -236,7 +236,8 @@ def draft_overrides(facts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, st
         why = (f"multi-head latent attention has no Llama counterpart (per-head q/k {facts.get('qk_nope_head_dim')}"
                f"+{facts.get('qk_rope_head_dim')}, v {facts.get('v_head_dim')}); the draft layer is plain GQA: "
                f"head_dim = v_head_dim {hd}, {heads} heads (= hidden / head_dim), {kv} KV heads")
-        reasons.update(head_dim=why, num_attention_heads=why, num_key_value_heads=why)
+        reasons.update(head_dim=why, num_attention_heads="plain GQA for an MLA target: see head_dim",
+                       num_key_value_heads="plain GQA for an MLA target: see head_dim")
     if experts(facts):
         h = int(facts["hidden_size"])
         if facts.get("intermediate_size_mlp"):
@@ -308,7 +309,8 @@ def gpu_plan(weight_bytes: float) -> tuple[int, str]:
     return 8 * nodes, f"{nodes} nodes x 8x 80 GB (H100)"
 
 
-def serving_bytes(facts: dict[str, Any], total: float, routed: float) -> float:
+def weight_bytes(facts: dict[str, Any], total: float, routed: float) -> float:
+    """The target's weights as shipped (and as transformers and the engines hold them): fp8, mxfp4 experts, or bf16."""
     method = str(facts.get("quant_method") or "")
     if method == "fp8":
         return total
@@ -357,10 +359,9 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
     draft_vocab = min(draft_vocab or DRAFT_VOCAB, vocab)
     draft = derive_draft(facts, taps, draft_vocab, overrides)
     total, routed = estimate_params(facts)
-    weights_gb = total * 2 / 1e9
+    weights_gb = weight_bytes(facts, total, routed) / 1e9
     online = weights_gb <= ONLINE_MAX_GB
-    capture_tp, capture_hw = gpu_plan(total * 2)
-    serve_tp, serve_hw = gpu_plan(serving_bytes(facts, total, routed))
+    serve_tp, serve_hw = gpu_plan(weights_gb * 1e9)
     rows = 100_000 if online else 40_000
     tokens = rows * TOKENS_PER_CONVERSATION
     per_token = (3 + 1) * hidden * 2  # aux taps + final hidden state, bf16
@@ -376,9 +377,9 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
     }
     if not online:
         run["features"] = {"store": f"stores/{slug}", "store_dtype": "bf16"}
-    mode = ("online: the bf16 target fits one 80 GB GPU next to the draft" if online else
-            f"offline: the bf16 target ({weights_gb:.0f} GB) does not fit next to the draft; `draftforge capture` "
-            f"runs it once ({capture_hw}), training then reads the store and loads only embedding + lm_head")
+    mode = (f"online: the target ({weights_gb:.0f} GB) fits one 80 GB GPU next to the draft" if online else
+            f"offline: the target ({weights_gb:.0f} GB) does not fit next to the draft; `draftforge capture` runs it "
+            f"once ({serve_hw}), training then reads the store and loads only embedding + lm_head")
     recipe = {
         "target": target,
         "family": facts.get("model_type"),
@@ -406,9 +407,9 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
                  f"draftforge inspect --data data/{slug}/regenerated.jsonl --tokenizer {target}"),
         "training": training_note(run),
         "hardware": {
-            "target_weights_gb_bf16": round(weights_gb, 1),
+            "target_weights_gb": round(weights_gb, 1),
             "mode": mode,
-            "capture_gpus": capture_hw if not online else None,
+            "capture_gpus": serve_hw if not online else None,
             "train_gpus": "1x 80 GB (H100)",
             "serve_gpus": serve_hw,
             "store_bytes_per_token": per_token if not online else None,
@@ -489,12 +490,12 @@ def validate_recipe(run: RunConfig, meta: dict[str, Any]) -> list[str]:
     hw = meta["hardware"]
     if hw.get("store_bytes_per_token") and hw["store_bytes_per_token"] != 8 * int(facts["hidden_size"]):
         problems.append("hardware.store_bytes_per_token must be (3+1) x hidden x 2 (bf16 aux taps + final hidden)")
-    if (run.features.store is None) != (total * 2 / 1e9 <= ONLINE_MAX_GB):
-        problems.append("features.store: offline exactly when the bf16 target exceeds "
-                        f"{ONLINE_MAX_GB:.0f} GB ({total * 2 / 1e9:.0f} GB here)")
+    weights = weight_bytes(facts, total, routed)
+    if (run.features.store is None) != (weights / 1e9 <= ONLINE_MAX_GB):
+        problems.append(f"features.store: offline exactly when the target's weights exceed {ONLINE_MAX_GB:.0f} GB "
+                        f"({weights / 1e9:.0f} GB here)")
     serve = meta["serve"]
-    expect = serve_commands(meta["target"], f"drafts/{slug_of(meta['target'])}-eagle3",
-                            gpu_plan(serving_bytes(facts, total, routed))[0], trust)
+    expect = serve_commands(meta["target"], f"drafts/{slug_of(meta['target'])}-eagle3", gpu_plan(weights)[0], trust)
     for engine in ("sglang", "vllm"):
         if serve.get(engine) != expect[engine]:
             problems.append(f"serve.{engine} is not the command for this target: {expect[engine]}")
