@@ -297,9 +297,9 @@ def quirks(facts: dict[str, Any], trust_remote_code: bool) -> list[str]:
     return out
 
 
-def gpu_plan(weight_bytes: float) -> tuple[int, str]:
+def gpu_plan(nbytes: float) -> tuple[int, str]:
     """(tensor-parallel size, hardware) for weights plus headroom on 80 GB GPUs, else 141 GB, else nodes."""
-    need = weight_bytes * HEADROOM / 1e9
+    need = nbytes * HEADROOM / 1e9
     for n in (1, 2, 4, 8):
         if need <= n * GPU_GB:
             return n, f"{n}x 80 GB (H100)"
@@ -448,6 +448,8 @@ def validate_recipe(run: RunConfig, meta: dict[str, Any]) -> list[str]:
     """What is wrong with a recipe: schema, facts vs derived draft shape, legal taps, serving commands."""
     from draftforge.target.hf import check_aux_layers
 
+    if not meta:
+        return ["no `recipe:` section: a plain run config, not a target recipe"]
     problems = [f"recipe.{k}: missing or not {t}" for k, t in REQUIRED.items() if not isinstance(meta.get(k), t)]
     if problems:
         return problems
