@@ -139,3 +139,21 @@ def test_teacher_targets_bf16_ties_follow_full_argmax():
         t = teacher_targets(x, w, t2d, row_chunk=16, vocab_chunk=64)
     assert torch.equal(t.in_draft, t2d[full.argmax(-1)])
     assert t.probs.dtype == torch.bfloat16
+
+
+def test_teacher_applies_the_target_logit_softcap():
+    """Gemma-2 caps its logits with tanh: the teacher must be the capped distribution."""
+    from draftforge.target.base import TargetHead
+    from draftforge.train.loss import teacher_targets
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(6, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64) * 3
+    t2d = torch.zeros(40, dtype=torch.bool)
+    t2d[::2] = True
+    head = TargetHead(weight, logit_softcap=5.0)
+    got = teacher_targets(hidden, weight, t2d, logit_softcap=5.0)
+    want = torch.softmax(head.logits(hidden, rows=t2d), -1)
+    torch.testing.assert_close(got.probs.double(), want)
+    plain = teacher_targets(hidden, weight, t2d)
+    assert not torch.allclose(plain.probs.double(), want)
+    torch.testing.assert_close(got.in_draft, t2d[(hidden @ weight.T).argmax(-1)])

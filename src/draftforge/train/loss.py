@@ -34,9 +34,16 @@ class TeacherTargets:
 
 @torch.no_grad()
 def teacher_targets(
-    final_hidden: Tensor, lm_head_weight: Tensor, t2d: Tensor, row_chunk: int = 1024, vocab_chunk: int = 8192
+    final_hidden: Tensor,
+    lm_head_weight: Tensor,
+    t2d: Tensor,
+    row_chunk: int = 1024,
+    vocab_chunk: int = 8192,
+    logit_softcap: float | None = None,
 ) -> TeacherTargets:
     """final_hidden [N, Ht] (after the target's final norm), lm_head_weight [V, Ht], t2d [V] bool.
+    `logit_softcap` (Gemma-2 style tanh capping) shapes the teacher's probabilities; it is monotone,
+    so which token is the argmax is decided on the raw logits.
 
     Probabilities are computed once per index (every TTT step reuses them) and stored in the
     compute dtype; logits only ever exist for [row_chunk, Dv] or [row_chunk, vocab_chunk]. The
@@ -64,6 +71,8 @@ def teacher_targets(
             z = z_buf[:c].copy_(torch.mm(x, w_draft.T, out=z_lo[:c]))
             d_max, d_arg = z.max(-1)
             argmax[r : r + c] = d_arg
+            if logit_softcap:
+                z = torch.tanh(z / logit_softcap) * logit_softcap
             if dt == acc:
                 torch._softmax(z, -1, False, out=probs[r : r + c])
             else:

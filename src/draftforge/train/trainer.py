@@ -151,6 +151,7 @@ class Trainer:
                 steps=self.cfg.ttt_steps,
                 attention=self.cfg.attention,
                 checkpoint=self.cfg.gradient_checkpointing,
+                logit_softcap=self.head.logit_softcap,
             )
 
     def train_step(self) -> dict[str, Any]:

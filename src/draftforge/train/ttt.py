@@ -52,10 +52,12 @@ def ttt_forward(
     attention: str = "efficient",
     checkpoint: bool = False,
     loss_chunk: int | None = None,
+    logit_softcap: float | None = None,
 ) -> TTTOutput:
     """input_ids / attention_mask / loss_mask [B, L] (right padded), aux [B, L, 3*Ht],
     final_hidden [B, L, Ht] (after the target's final norm), target_lm_head_weight [V, Ht].
-    `checkpoint` recomputes each step's layer in backward instead of keeping its activations."""
+    `checkpoint` recomputes each step's layer in backward instead of keeping its activations;
+    `logit_softcap` is the target's final logit capping (Gemma-2), applied to the teacher."""
     B, L = input_ids.shape
     dev = input_ids.device
     layer = draft.midlayer
@@ -65,7 +67,10 @@ def ttt_forward(
     cand = torch.zeros(B, L, dtype=torch.bool, device=dev)
     cand[:, :-1] = loss_mask[:, 1:].bool() & valid[:, 1:]
     cand_idx = torch.nonzero(cand.flatten()).flatten()
-    teacher = teacher_targets(final_hidden.flatten(0, 1).index_select(0, cand_idx), target_lm_head_weight, draft.t2d)
+    teacher = teacher_targets(
+        final_hidden.flatten(0, 1).index_select(0, cand_idx), target_lm_head_weight, draft.t2d,
+        logit_softcap=logit_softcap,
+    )
     row_of = torch.full((B * L,), -1, dtype=torch.long, device=dev)
     row_of[cand_idx] = torch.arange(len(cand_idx), device=dev)
     sup_u = torch.zeros(B * L, dtype=torch.bool, device=dev)
