@@ -16,11 +16,7 @@ from draftforge.recipe import SHAPE_KEYS, linear_layers, load_recipe, validate_r
 from draftforge.train.setup import build_training
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, family_config
 
-# Llama4ForCausalLM.get_decoder() returns the CausalLM itself (its layers sit under .model), so
-# target.hf cannot find the decoder layers yet; strict: this fails loudly once that is fixed.
-KNOWN_BROKEN = {"llama4_text": "target.hf.decoder_layers: Llama4ForCausalLM.get_decoder() is not the text model"}
-ALL_FAMILIES = [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[f], strict=True)) if f in KNOWN_BROKEN
-                else f for f in sorted({**FAMILIES, **MORE_FAMILIES})]
+ALL_FAMILIES = sorted({**FAMILIES, **MORE_FAMILIES})
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

@@ -49,7 +49,6 @@ def test_the_bundle_covers_the_issue_targets():
         assert any(t and name in t for t in targets), name
 
 
-@pytest.mark.xfail(strict=True, reason="config.load_config does not skip the `recipe:` section yet")
 def test_train_config_loader_reads_recipe_files():
     load_config(RECIPES_BY_STEM["llama-3.1-8b-instruct"])
 

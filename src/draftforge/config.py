@@ -136,6 +136,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = RunConfig()
     if path is not None:
         tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree.pop("recipe", None)  # a recipe's notes for people (draftforge.recipe), not part of the run
         _apply(config, tree, str(path))
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:

@@ -48,6 +48,7 @@ from transformers import DynamicCache
 
 from draftforge.draft.config import DraftModelConfig, target_rope
 from draftforge.draft.model import Eagle3Draft
+from draftforge.export.formats import aux_layer_ids_of
 from draftforge.target.hf import decoder_layers, text_config
 
 # ---- configs ---------------------------------------------------------------------------------------
@@ -114,9 +115,7 @@ def load_draft_dir(
             if key in config:
                 layer[key] = config[key]
         prefix = "layers.0."
-    aux = config.get("eagle_aux_hidden_state_layer_ids")
-    if aux is None and (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") is not None:
-        aux = [i + 1 for i in config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+    aux = aux_layer_ids_of(config)
     if aux is None:
         if target_model is None:
             raise ValueError(f"{path}: no aux layer ids in config.json and no target to derive the default from")

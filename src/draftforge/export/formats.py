@@ -123,6 +123,14 @@ def launch_readme(out: Path, fmt: str, target: str, steps: int = 3) -> str:
     return body
 
 
+def aux_layer_ids_of(config: dict[str, Any]) -> list[int] | None:
+    """The taps a draft dir declares, in HF index: vLLM's top-level field, else SGLang's eagle_config + 1."""
+    if config.get("eagle_aux_hidden_state_layer_ids") is not None:
+        return list(config["eagle_aux_hidden_state_layer_ids"])
+    nested = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    return None if nested is None else [i + 1 for i in nested]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, or a run dir (its latest checkpoint)."""
     from draftforge.train.checkpoint import latest_checkpoint

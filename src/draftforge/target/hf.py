@@ -20,8 +20,17 @@ def text_config(config):
     return getattr(config, "get_text_config", lambda: config)()
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder(model: nn.Module) -> nn.Module:
+    """The base model that owns the decoder layers (Llama-4's get_decoder() returns the wrapper itself)."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    inner = getattr(base, "model", None)
+    if not isinstance(getattr(base, "layers", None), nn.ModuleList) and isinstance(inner, nn.Module):
+        base = inner
+    return base
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = decoder(model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected .layers)")
@@ -29,7 +38,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    base = decoder(model)
     for name in ("norm", "final_layernorm", "ln_f"):
         if isinstance(getattr(base, name, None), nn.Module):
             return getattr(base, name)
@@ -105,7 +114,7 @@ class HFTarget:
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TargetFeatures:
         self._taps.clear()
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        base = decoder(self.model)
         base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         aux = torch.cat([self._taps[i] for i in self.aux_layers], dim=-1)
         final, self._final = self._final, None

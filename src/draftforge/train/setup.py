@@ -45,14 +45,24 @@ def split_eval(ids: list[str], fraction: float) -> tuple[np.ndarray, np.ndarray]
 
 def warm_start(draft: Eagle3Draft, path: str | Path) -> None:
     """Load an exported draft dir (ours, SGLang layout, or speculators) into the draft to fine-tune it."""
+    import json
+
     from safetensors.torch import load_file
 
+    from draftforge.export.formats import aux_layer_ids_of
+
+    config_file = Path(path) / "config.json"
+    taps = aux_layer_ids_of(json.loads(config_file.read_text())) if config_file.exists() else None
+    if taps is not None and taps != draft.config.aux_layer_ids:
+        raise SystemExit(f"{path}: the draft was trained on aux taps {taps}, this run taps "
+                         f"{draft.config.aux_layer_ids}; set target.aux_layers to match")
     state = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         state.update({k.replace("layers.0.", "midlayer."): v for k, v in load_file(f).items()})
     state.pop("embed_tokens.weight", None)
     own = draft.state_dict()
-    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    bad = [f"{k} {list(v.shape)} vs {list(own[k].shape) if k in own else 'none'}"
+           for k, v in state.items() if k not in own or own[k].shape != v.shape]
     missing = sorted(set(own) - set(state) - {"embed_tokens.weight"})
     if bad or missing:
         raise SystemExit(f"{path}: cannot warm-start this draft (mismatched {bad}, missing {missing})")
