@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    epilog = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+    epilog = "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="draftforge",
         description="Train EAGLE-3 speculative-decoding drafts and export them for SGLang and vLLM.",
