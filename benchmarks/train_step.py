@@ -128,6 +128,8 @@ def measure(spec: dict, mem_limit_gib: float, timeout_s: float) -> dict:
     """Run one configuration in a child; kill it above the memory limit or the time limit."""
     with tempfile.NamedTemporaryFile("w+", suffix=".json") as f:
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+        if spec.get("omp_wait_policy"):
+            env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
         proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), "--child-out", f.name],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         killed: dict[str, str] = {}
@@ -209,6 +211,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7, help="TTT steps")
     ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing of the unrolled steps")
     ap.add_argument("--online", action="store_true", help="include the SmolLM2 target forward (online_batch_fn)")
+    ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default=None,
+                    help="PASSIVE when the cores are shared: spinning OpenMP threads then cost up to 4x")
     ap.add_argument("--mem-limit-gib", type=float, default=18.0, help="a child above this RSS is killed: OOM")
     ap.add_argument("--timeout-s", type=float, default=1800.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -225,7 +229,7 @@ def main() -> None:
         for path in args.paths:
             for L in sorted(args.lengths):
                 spec = dict(L=L, dtype=dtype, path=path, iters=args.iters, threads=args.threads, steps=args.steps,
-                            checkpoint=args.checkpoint, online=args.online)
+                            checkpoint=args.checkpoint, online=args.online, omp_wait_policy=args.omp_wait_policy)
                 r = measure(spec, args.mem_limit_gib, args.timeout_s)
                 results.append(r)
                 msg = r.get("error") or f"{r['ms']:.0f} ms/step, {r['tok_s']:.0f} tok/s"
@@ -237,7 +241,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), shape=SHAPE,
                 threads=args.threads, ttt_steps=args.steps, batch=1, online=args.online,
-                checkpoint=args.checkpoint, loadavg_at_end=os.getloadavg(), specforge_reference=
+                checkpoint=args.checkpoint, omp_wait_policy=args.omp_wait_policy,
+                loadavg_at_end=os.getloadavg(), specforge_reference=
                 {f"{k[0]}@{k[1]}": v for k, v in SPECFORGE.items()})
     args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     print(f"\nwrote {args.out}")
