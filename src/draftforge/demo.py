@@ -32,8 +32,8 @@ def _banner(step: int, total: int, text: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where everything the demo makes goes")
     parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the recipe's)")
-    parser.add_argument("--eval-prompts", type=int, default=12, help="MT-bench questions to measure τ on")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--eval-prompts", type=int, default=6, help="MT-bench questions to measure τ on")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=5e-4")
 
 
