@@ -135,8 +135,14 @@ def main() -> None:
         judge = recipe_overrides(args, args.work / "unused", f"features.store={stores['bf16']['store']}")
         tau["scored_on_bf16_features"] = run_child({"overrides": judge, "checkpoints": runs})
 
+    from draftforge.config import load_config
+
+    cfg = load_config(str(RECIPE), recipe_overrides(args, args.work))
+    shape = {"max_length": cfg.data.max_length, "ttt_steps": cfg.train.ttt_steps, "precision": cfg.train.precision,
+             "target_dtype": cfg.target.dtype, "tokens_per_batch": cfg.train.tokens_per_batch,
+             "draft_vocab_size": cfg.draft.draft_vocab_size}
     bf16_bpt = stores.get("bf16", {}).get("bytes_per_token")
-    print(f"\nSmolLM2-135M recipe, {args.rows} conversations, {platform.processor() or platform.machine()}")
+    print(f"\nSmolLM2-135M recipe {shape}, {args.rows} conversations, {platform.machine()}")
     print(f"{'mode':<14} {'bytes/token':>11} {'vs bf16':>8} {'capture tok/s':>13} {'train tok/s':>11} "
           f"{'tok/CPU-s':>9} {'peak RSS':>9}")
     for mode, dtype in modes.items():
@@ -160,7 +166,8 @@ def main() -> None:
 
     out = RESULTS.with_name(RESULTS.stem + ("_tau" if tau else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": args.rows, "steps": args.steps, "tau_steps": args.tau_steps, "stores": stores,
+    out.write_text(json.dumps({"recipe": shape, "rows": args.rows, "steps": args.steps, "tau_steps": args.tau_steps,
+                               "stores": stores,
                                "train": speed, "tau": tau, "machine": platform.platform()}, indent=1))
     print(f"\nwrote {out}")
 
