@@ -236,7 +236,9 @@ class TargetRunner:
         finally:
             for h in handles:
                 h.remove()
-        aux = torch.cat([self._taps.pop(i) for i in self.aux_layers], dim=-1) if self.aux_layers else ids.new_empty(0)
+        # the same layer may be tapped twice (default taps of a shallow model), so read, then clear
+        aux = torch.cat([self._taps[i] for i in self.aux_layers], dim=-1) if self.aux_layers else ids.new_empty(0)
+        self._taps.clear()
         return out.logits, aux
 
 
