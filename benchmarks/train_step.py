@@ -7,7 +7,7 @@ table against the SpecForge v0.2.0 reference measured on this machine (issue 3) 
 
     python benchmarks/train_step.py                       # the full table
     python benchmarks/train_step.py --lengths 512 --iters 1 --paths efficient --dtypes bf16
-    python benchmarks/train_step.py --online               # target forward included (hook below)
+    python benchmarks/train_step.py --online --dtypes bf16 --paths efficient   # SmolLM2 forward included
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ RESULTS = Path(__file__).parent / "results" / "train_step.json"
 # child: one configuration
 
 
-def random_batch_fn(L: int, seed: int = 0) -> tuple[Callable[[], dict], object]:
-    """Features given (offline): random aux / final hidden, every position supervised."""
+def random_batch_fn(L: int, seed: int = 0, shape: dict | None = None) -> tuple[Callable[[], dict], object]:
+    """Features given (offline): random aux / final hidden, every position supervised; `shape`: a
+    DraftModelConfig dict (default: the SmolLM2 draft)."""
     import torch
 
     from draftforge.draft.config import DraftModelConfig
     from draftforge.draft.model import Eagle3Draft
 
     g = torch.Generator().manual_seed(seed)
-    cfg = DraftModelConfig(**SHAPE)
+    cfg = DraftModelConfig(**(shape or SHAPE))
     draft = Eagle3Draft(cfg)
     V, Dv, Ht = cfg.vocab_size, cfg.draft_vocab_size, cfg.target_hidden_size
     ids = torch.sort(torch.randperm(V, generator=g)[:Dv]).values
@@ -75,13 +76,45 @@ def random_batch_fn(L: int, seed: int = 0) -> tuple[Callable[[], dict], object]:
 
 
 def online_batch_fn(L: int, seed: int = 0) -> tuple[Callable[[], dict], object]:
-    """--online hook: return (fn, draft) where fn() runs the SmolLM2 target forward on a batch of
-    L tokens inside the timed step and returns the same dict as `random_batch_fn` (aux taps,
-    final hidden after the norm, the target lm_head weight), via draftforge.target.hf."""
-    raise NotImplementedError("--online is not wired yet: implement online_batch_fn with draftforge.target.hf")
+    """Target forward included: real ShareGPT text (the first conversations, chat-templated and
+    concatenated to L tokens) through SmolLM2-135M-Instruct in bf16 on every call, the draft
+    vocabulary = the Dv most frequent tokens of that text, the target's real lm_head as teacher."""
+    import torch
+
+    from draftforge.data.conversations import Row, iter_conversations
+    from draftforge.data.template import load_tokenizer, render
+    from draftforge.data.vocab import select_vocab
+    from draftforge.draft.config import DraftModelConfig
+    from draftforge.draft.model import Eagle3Draft
+    from draftforge.target.hf import HFTarget
+
+    target = HFTarget.from_pretrained("smollm2", None, torch.bfloat16)
+    tokenizer = load_tokenizer("smollm2")
+    ids: list[int] = []
+    for item in iter_conversations(["sharegpt"]):
+        if isinstance(item, Row):
+            ids += tokenizer(render(tokenizer, item.data["conversations"]), add_special_tokens=False)["input_ids"]
+        if len(ids) >= 4 * L:
+            break
+    V = target.head.weight.shape[0]
+    vocab = select_vocab(torch.bincount(torch.tensor(ids), minlength=V).numpy(), SHAPE["draft_vocab_size"])
+    cfg = DraftModelConfig.from_target_config(target.config, SHAPE["draft_vocab_size"], target.aux_layers)
+    draft = Eagle3Draft(cfg)
+    draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    draft.load_target_embedding(target.embed_weight.float())
+    input_ids = torch.tensor([ids[:L]])
+    mask = torch.ones_like(input_ids)
+
+    def batch() -> dict:
+        feats = target.features(input_ids, mask)
+        return dict(input_ids=input_ids, attention_mask=mask, loss_mask=mask, aux=feats.aux,
+                    final_hidden=feats.final_hidden, target_lm_head_weight=target.head.weight)
+
+    return batch, draft
 
 
-def run_child(spec: dict) -> dict:
+def make_step(spec: dict) -> tuple[Callable[[], object], object, object]:
+    """(step, draft, optimizer): one full training step of the configuration `spec`."""
     import torch
 
     from draftforge.train.ttt import ttt_forward, ttt_objective
@@ -89,8 +122,7 @@ def run_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     L, bf16 = spec["L"], spec["dtype"] == "bf16"
-    make = online_batch_fn if spec["online"] else random_batch_fn
-    get_batch, draft = make(L)
+    get_batch, draft = online_batch_fn(L) if spec["online"] else random_batch_fn(L, shape=spec.get("shape"))
     params = [p for p in draft.parameters() if p.requires_grad]
     try:
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -106,6 +138,11 @@ def run_child(spec: dict) -> dict:
         opt.step()
         return out
 
+    return step, draft, opt
+
+
+def run_child(spec: dict) -> dict:
+    step, _, _ = make_step(spec)
     out = step()  # warm-up (allocator, oneDNN primitive caches)
     times = []
     for _ in range(spec["iters"]):
@@ -124,13 +161,14 @@ def run_child(spec: dict) -> dict:
 # parent: subprocess per configuration, RSS watchdog, table
 
 
-def measure(spec: dict, mem_limit_gib: float, timeout_s: float) -> dict:
-    """Run one configuration in a child; kill it above the memory limit or the time limit."""
+def measure(spec: dict, mem_limit_gib: float, timeout_s: float, script: str = __file__) -> dict:
+    """Run one configuration in a child (`script --child SPEC --child-out FILE`, whose JSON has "ms");
+    kill it above the memory limit or the time limit."""
     with tempfile.NamedTemporaryFile("w+", suffix=".json") as f:
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
         if spec.get("omp_wait_policy"):
             env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"]
-        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec), "--child-out", f.name],
+        proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(spec), "--child-out", f.name],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         killed: dict[str, str] = {}
         stop = threading.Event()
