@@ -42,11 +42,15 @@ def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]
 
 def export(run_dir: str | Path, out: Path) -> dict[str, str]:
     """SGLang/vLLM and speculators layouts, each passed through `export --check`."""
-    from draftforge.export.formats import check_draft_dir, export_draft
+    from draftforge.export.formats import check_draft_dir, export_draft, resolve_checkpoint
 
+    ckpt = resolve_checkpoint(run_dir)
     exported = {}
     for fmt, name in (("sglang", "draft-sglang"), ("speculators", "draft-speculators")):
-        path = export_draft(run_dir, fmt, out / name, dtype="float32")
+        path = out / name
+        weights = path / "model.safetensors"
+        if not weights.exists() or weights.stat().st_mtime < (ckpt / "model.safetensors").stat().st_mtime:
+            path = export_draft(ckpt, fmt, path, dtype="float32")  # else: exported from this checkpoint already
         errors = [f.message for f in check_draft_dir(path) if f.level == "error"]
         if errors:
             raise RuntimeError(f"exported {fmt} draft {path} fails its check: {'; '.join(errors)}")
@@ -60,6 +64,10 @@ def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_ne
     from draftforge.cli import main as cli
 
     eval_json = out / "eval.json"
+    if _measured(eval_json, draft_dir, prompts, max_new_tokens):
+        print(f"  reusing {eval_json}: the same draft, prompts and token budget were measured already")
+        results = json.loads(eval_json.read_text())["results"]["mtbench"]
+        return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
     rc = cli(["eval", "--draft", draft_dir, "--target", target, "--suite", "mtbench", "--configs", CHAIN, TREE,
               "--limit", str(prompts), "--max-new-tokens", str(max_new_tokens), "--out", str(eval_json)])
     if rc:
@@ -80,6 +88,16 @@ def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_t
         raise RuntimeError(f"draftforge bench failed (exit {rc})")
     entry = json.loads(bench_json.read_text())["results"]["mtbench"][CHAIN]
     return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
+
+
+def _measured(eval_json: Path, draft_dir: str, prompts: int, max_new_tokens: int) -> bool:
+    """An eval of exactly this exported draft (not re-exported since) with the same settings exists."""
+    if not eval_json.exists() or eval_json.stat().st_mtime < Path(draft_dir, "model.safetensors").stat().st_mtime:
+        return False
+    report = json.loads(eval_json.read_text())
+    meta, results = report.get("meta", {}), report.get("results", {}).get("mtbench", {})
+    return (meta.get("limit"), meta.get("max_new_tokens"), meta.get("temperature")) == (prompts, max_new_tokens, 0.0) \
+        and Path(meta.get("draft", "")).resolve() == Path(draft_dir).resolve() and {CHAIN, TREE} <= set(results)
 
 
 def _tau_speedup(entry: dict[str, Any]) -> dict[str, float]:
