@@ -106,11 +106,9 @@ def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: 
     if name not in TRAINABLE:
         raise SystemExit(f"bundle --run: {name} cannot be trained on this machine (trainable: {sorted(TRAINABLE)})")
     model, data = TRAINABLE[name]["model"], TRAINABLE[name]["data"]
-    t0 = time.perf_counter()
     config = load_config(repo_root() / "recipes" / f"{name}.yaml",
                          [f"data.sources=[{repo_root() / data}]", f"train.out_dir={out / 'train'}", *overrides])
     trained = train(config, out)
-    minutes = (time.perf_counter() - t0) / 60
     exported = export(trained["run_dir"], out)
     row = {
         "recipe": f"recipes/{name}.yaml",
@@ -119,7 +117,7 @@ def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: 
         "hardware": f"{platform.machine()} CPU, 2 cores" if model == "smollm2" else "",
         "tokens_trained": trained["tokens_trained"],
         "steps": trained["steps"],
-        "train_minutes": round(minutes, 1),
+        "train_minutes": round(trained["tokens_trained"] / trained["final"]["tok_per_s"] / 60, 1),
         "final": trained["final"],
         "exported": exported["sglang"],
         "builtin": measure_builtin(exported["sglang"], model, out, eval_prompts, max_new_tokens),

@@ -28,16 +28,25 @@ def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]
 
     trainer = build_training(config)
     trainer.resume()
-    final = trainer.fit(progress=progress)
+    trainer.fit(progress=progress)
+    final = last_metrics(trainer.out / "metrics.jsonl")  # also right when the run had finished before
     curve = plot_tau_curve(trainer.out / "metrics.jsonl", out / "tau_curve.png")
     return {
         "checkpoint": str(trainer.out / "checkpoints"),
         "run_dir": str(trainer.out),
         "tokens_trained": trainer.tokens,
         "steps": trainer.step,
-        "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+        "final": final,
         "tau_curve": str(curve),
     }
+
+
+def last_metrics(metrics_jsonl: Path) -> dict[str, float]:
+    """The latest training record merged with the latest eval record of a run's log."""
+    final: dict[str, float] = {}
+    for record in map(json.loads, metrics_jsonl.read_text().splitlines()):
+        final.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    return final
 
 
 def export(run_dir: str | Path, out: Path) -> dict[str, str]:
@@ -64,7 +73,7 @@ def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_ne
     from draftforge.cli import main as cli
 
     eval_json = out / "eval.json"
-    if _measured(eval_json, draft_dir, prompts, max_new_tokens):
+    if _measured(eval_json, draft_dir, prompts, max_new_tokens, {CHAIN, TREE}):
         print(f"  reusing {eval_json}: the same draft, prompts and token budget were measured already")
         results = json.loads(eval_json.read_text())["results"]["mtbench"]
         return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
@@ -81,6 +90,10 @@ def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_t
     from draftforge.cli import main as cli
 
     bench_json = out / "vllm_bench.json"
+    if _measured(bench_json, draft_dir, prompts, max_new_tokens, {"1,0,0,0", CHAIN}):
+        print(f"  reusing {bench_json}: the same draft, prompts and token budget were measured already")
+        entry = json.loads(bench_json.read_text())["results"]["mtbench"][CHAIN]
+        return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
     rc = cli(["bench", "--launch", "--model", target, "--draft", draft_dir, "--configs", "1,0,0,0", CHAIN,
               "--suite", "mtbench", "--limit", str(prompts), "--max-new-tokens", str(max_new_tokens),
               "--out", str(bench_json)])
@@ -90,14 +103,14 @@ def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_t
     return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
 
 
-def _measured(eval_json: Path, draft_dir: str, prompts: int, max_new_tokens: int) -> bool:
-    """An eval of exactly this exported draft (not re-exported since) with the same settings exists."""
-    if not eval_json.exists() or eval_json.stat().st_mtime < Path(draft_dir, "model.safetensors").stat().st_mtime:
+def _measured(report_json: Path, draft_dir: str, prompts: int, max_new_tokens: int, configs: set[str]) -> bool:
+    """A report (eval or bench) of exactly this exported draft, not re-exported since, with the same settings."""
+    if not report_json.exists() or report_json.stat().st_mtime < Path(draft_dir, "model.safetensors").stat().st_mtime:
         return False
-    report = json.loads(eval_json.read_text())
+    report = json.loads(report_json.read_text())
     meta, results = report.get("meta", {}), report.get("results", {}).get("mtbench", {})
     return (meta.get("limit"), meta.get("max_new_tokens"), meta.get("temperature")) == (prompts, max_new_tokens, 0.0) \
-        and Path(meta.get("draft", "")).resolve() == Path(draft_dir).resolve() and {CHAIN, TREE} <= set(results)
+        and Path(meta.get("draft", "")).resolve() == Path(draft_dir).resolve() and configs <= set(results)
 
 
 def _tau_speedup(entry: dict[str, Any]) -> dict[str, float]:
