@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftforge.demo import REGENERATED
 from draftforge.pipeline import CHAIN, TREE, repo_root
 
 START, END = "<!-- bundle:start -->", "<!-- bundle:end -->"
 # Recipes whose target runs on this machine: the model eval/bench load, and the data the row trains on.
 TRAINABLE = {
     "smollm2-135m": {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
-                     "data": "data/regenerated/smollm2-135m-sharegpt.jsonl"},
+                     "data": REGENERATED},
 }
 
 

