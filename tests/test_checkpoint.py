@@ -31,7 +31,9 @@ def test_crash_mid_save_keeps_latest_good(tmp_path, monkeypatch):
     assert latest.name == "step_00000002"
     weights, extra, state = ckpt.load_checkpoint(latest)
     assert torch.equal(weights["w"], torch.full((4,), 2.0)) and state["step"] == 2
-    assert not (tmp_path / "checkpoints" / "step_00000003.tmp").exists()  # leftovers are cleaned up
+    assert (tmp_path / "checkpoints" / "step_00000003.tmp").exists()  # a reader deletes nothing
+    _save(tmp_path, 3, 3.0)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the next save cleans up
 
 
 def test_keep_last_and_rng_round_trip(tmp_path):

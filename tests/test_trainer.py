@@ -53,11 +53,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_target_dir, small_
     proc = subprocess.Popen(train_args(tiny_target_dir, small_conversations, killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         ckpt = latest_checkpoint(killed)
         if ckpt is not None and int(ckpt.name.split("_")[1]) >= 4:
             break
         time.sleep(0.05)
+    assert proc.poll() is None, f"the run exited with {proc.returncode} before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stopped_at = int(latest_checkpoint(killed).name.split("_")[1])

@@ -1,8 +1,9 @@
 """Atomic, resumable checkpoints: a directory per step, written aside and renamed into place.
 
-A crash mid-save leaves only a `*.tmp` directory that is ignored and cleaned up, never a broken
-latest checkpoint. Weights are safetensors; optimizer state is a torch file read back with
-`weights_only=True`, so loading never runs code.
+A crash mid-save leaves only a `*.tmp` directory that readers ignore and the next save removes,
+never a broken latest checkpoint. Readers never delete anything: a reader (an export, a test
+polling for checkpoints) cannot tell a leftover from a save in progress. Weights are safetensors;
+optimizer state is a torch file read back with `weights_only=True`, so loading never runs code.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for leftover in ckpt_root.glob("*.tmp"):  # interrupted saves; this process is the only writer
+        shutil.rmtree(leftover)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
     torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp / "optimizer.pt")
@@ -78,12 +79,10 @@ def save_checkpoint(
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first; leftovers of interrupted saves are removed."""
+    """Complete checkpoints, oldest first (a `*.tmp` save in progress or interrupted is not one)."""
     ckpt_root = Path(root) / "checkpoints"
     if not ckpt_root.exists():
         return []
-    for leftover in ckpt_root.glob("*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
     return sorted(p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name))
 
 
