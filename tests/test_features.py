@@ -63,7 +63,8 @@ def test_fp32_store_trains_exactly_as_online(tmp_path, tiny_target_dir, small_co
                                              monkeypatch):
     store = tmp_path / "store"
     assert capture(*overrides(tiny_target_dir, small_conversations, store, "features.store_dtype=fp32")) == 0
-    _, online, online_eval = train(overrides(tiny_target_dir, small_conversations), tmp_path / "online")
+    accum = "train.grad_accum=2"  # read-ahead must follow the micro-batches inside a step too
+    _, online, online_eval = train(overrides(tiny_target_dir, small_conversations, None, accum), tmp_path / "online")
 
     from draftforge.target.hf import HFTarget
 
@@ -71,10 +72,11 @@ def test_fp32_store_trains_exactly_as_online(tmp_path, tiny_target_dir, small_co
         raise AssertionError("offline training loaded the full target")
 
     monkeypatch.setattr(HFTarget, "from_pretrained", no_full_target)
-    trainer, offline, offline_eval = train(overrides(tiny_target_dir, small_conversations, store), tmp_path / "off")
+    trainer, offline, offline_eval = train(overrides(tiny_target_dir, small_conversations, store, accum),
+                                           tmp_path / "off")
     assert offline == online
     assert offline_eval == online_eval and online_eval["eval_supervised"] > 0
-    assert trainer.features.hits >= 3, "the background reader did not predict the trainer's batches"
+    assert trainer.features.hits == 7, "the background reader did not predict the trainer's 8 micro-batches"
 
 
 @pytest.mark.parametrize("store_dtype, rtol", [("bf16", 5e-3), ("int8", 3e-2), ("fp8", 3e-2)])

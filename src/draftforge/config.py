@@ -62,8 +62,10 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads (default: all cores)
+    threads: int | None = None  # torch intra-op threads per process (default: this machine's cores / its ranks)
     wandb: bool = False
+    fsdp: bool = False  # under torchrun: shard draft weights, gradients and optimizer state (FSDP2), not DDP
+    target_tp: bool = False  # under torchrun: the online target sharded over all ranks (tp_plan="auto"), no replicas
 
 
 @dataclass

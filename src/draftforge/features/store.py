@@ -337,26 +337,10 @@ class StoreFeatures:
         self.hits = self.misses = 0
 
     def follow(self, trainer) -> None:
-        """Prefetch the trainer's next `depth` micro-batches: its data order is token_budget_batches of
-        (lengths, tokens_per_batch, seed, epoch) from position `micro`. A wrong guess costs only a read."""
-        from draftforge.train.batching import token_budget_batches
-
-        view = trainer.train_set
-        epochs: dict[int, list[list[int]]] = {}
-
-        def upcoming() -> list[tuple[int, ...]]:
-            out = []
-            for m in range(trainer.micro, trainer.micro + self.depth):
-                epoch, pos = divmod(m, trainer.batches_per_epoch)
-                if epoch not in epochs:
-                    epochs[epoch] = token_budget_batches(trainer.lengths, trainer.cfg.tokens_per_batch,
-                                                         trainer.cfg.seed, epoch)
-                out.append(tuple(int(i) for i in view.indices[epochs[epoch][pos]]))
-            for old in [e for e in epochs if e < trainer.micro // trainer.batches_per_epoch]:
-                del epochs[old]
-            return out
-
-        self._upcoming = upcoming
+        """Prefetch the trainer's next `depth` micro-batches on this rank (`trainer.upcoming`). A wrong
+        guess costs only a read."""
+        indices = np.asarray(trainer.train_set.indices)
+        self._upcoming = lambda: [tuple(int(i) for i in indices[pos]) for pos in trainer.upcoming(self.depth)]
 
     def _resolve(self, batch) -> tuple[int, ...]:
         pos = batch.index.numpy()

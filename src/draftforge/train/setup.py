@@ -1,6 +1,10 @@
 """Turn a RunConfig into a ready Trainer: data, vocabulary, target, draft, and the feature source:
 the live target (online), or a feature store (`features.store`) with only the target's lm_head and
-embedding loaded. The Trainer gets a features function either way and cannot tell which."""
+embedding loaded. The Trainer gets a features function either way and cannot tell which.
+
+Under torchrun every rank builds the same draft, vocabulary and data order (all deterministic) on
+its device; the online target is a replica per rank, or one model sharded over all ranks
+(`train.target_tp`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import torch
 from draftforge.config import RunConfig
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
+from draftforge.target.base import TargetHead
 from draftforge.target.hf import HFTarget
+from draftforge.train.distributed import Dist, in_turn, init_distributed, local
 from draftforge.train.trainer import Batch, Trainer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -69,15 +75,40 @@ def warm_start(draft: Eagle3Draft, path: str | Path) -> None:
     draft.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
+def load_target(config: RunConfig, dtype: torch.dtype, ctx: Dist) -> HFTarget:
+    """The online target on this rank's device: a full replica, or this rank's tensor-parallel shard
+    (transformers' tp_plan="auto") with the lm_head and embedding gathered whole (the teacher and
+    the draft need all of them)."""
+    if not (config.train.target_tp and ctx.world > 1):
+        target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, dtype,
+                                          config.target.trust_remote_code)
+        target.model.to(ctx.device)
+        return target
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
+    from draftforge.assets import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(config.target.path), dtype=dtype, trust_remote_code=config.target.trust_remote_code,
+        distributed_config=DistributedConfig(tp_plan="auto"),
+    )
+    target = HFTarget(model, config.target.aux_layers)
+    target.head = TargetHead(local(target.head.weight.detach()), target.head.logit_softcap)
+    target.embed_weight = local(target.embed_weight.detach())
+    return target
+
+
 def build_training(config: RunConfig) -> Trainer:
     from draftforge.data.template import load_tokenizer
     from draftforge.data.tokenized import build_tokenized
     from draftforge.data.vocab import build_vocab
 
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    ctx = init_distributed()
+    say = print if ctx.main else lambda *a, **k: None
+    torch.set_num_threads(config.train.threads or max(1, len(os.sched_getaffinity(0)) // ctx.local_world))
     torch.manual_seed(config.train.seed)
     tokenizer = load_tokenizer(config.target.path)
-    dataset = build_tokenized(config.data, tokenizer, config.target.path)
+    dataset = build_tokenized(config.data, tokenizer, config.target.path, progress=ctx.main)
     train_idx, eval_idx = split_eval(list(dataset.ids), config.data.eval_fraction)
     train_set, eval_set = DatasetView(dataset, train_idx), DatasetView(dataset, eval_idx)
 
@@ -89,15 +120,18 @@ def build_training(config: RunConfig) -> Trainer:
         target = HeadOnlyTarget.from_pretrained(
             config.target.path, config.target.aux_layers, dtype, config.target.trust_remote_code
         )
+        target.head.weight = target.head.weight.to(ctx.device)
         store = FeatureStore(config.features.store)
         store.check(store_identity(config.target.path, dataset, target.aux_layers))
         features = StoreFeatures(store, [train_set, eval_set], dtype, config.features.prefetch)
     else:
-        target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, dtype,
-                                          config.target.trust_remote_code)
+        target = load_target(config, dtype, ctx)
+        if config.train.target_tp and ctx.world > 1:
+            features = in_turn(target.features, ctx)  # a collective: each rank's batch through the shards
+        else:
 
-        def features(batch: Batch):
-            return target.features(batch.input_ids, batch.attention_mask)
+            def features(batch: Batch):
+                return target.features(batch.input_ids.to(ctx.device), batch.attention_mask.to(ctx.device))
 
     draft_cfg = DraftModelConfig.from_target_config(
         target.config, config.draft.draft_vocab_size, target.aux_layers, config.draft.overrides
@@ -108,11 +142,12 @@ def build_training(config: RunConfig) -> Trainer:
         warm_start(draft, config.draft.init_from)
     else:
         vocab = build_vocab(train_set, draft_cfg.vocab_size, draft_cfg.draft_vocab_size)
-        print(f"draft vocabulary: {draft_cfg.draft_vocab_size:,} tokens cover {vocab.coverage:.1%} "
-              f"of supervised target tokens")
+        say(f"draft vocabulary: {draft_cfg.draft_vocab_size:,} tokens cover {vocab.coverage:.1%} "
+            f"of supervised target tokens")
         draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    print(f"data: {len(train_set):,} train / {len(eval_set):,} eval samples, "
-          f"{int(train_set.lengths.sum()):,} train tokens")
+    draft.to(ctx.device)
+    say(f"data: {len(train_set):,} train / {len(eval_set):,} eval samples, "
+        f"{int(train_set.lengths.sum()):,} train tokens" + (f", {ctx.world} ranks" if ctx.world > 1 else ""))
 
     identity = {
         "target": config.target.path,
@@ -120,7 +155,7 @@ def build_training(config: RunConfig) -> Trainer:
         "data": dataset.key,
         "aux_layers": target.aux_layers,
     }
-    trainer = Trainer(config, draft, target.head, features, train_set, eval_set, identity)
+    trainer = Trainer(config, draft, target.head, features, train_set, eval_set, identity, ctx)
     if store is not None:
         features.follow(trainer)  # read the trainer's next batches in the background
     return trainer

@@ -3,12 +3,18 @@
 The trainer sees batches and a feature source; it does not know whether features come from a
 live target or a store. Every step is reproducible from (config, seed, step): a run killed at any
 point resumes from its latest checkpoint and continues with the same losses.
+
+Under torchrun each of W ranks trains on its own micro-batches (distributed.py): the data position
+`micro` counts global micro-batches, and of the grad_accum * W micro-batches of an optimizer step
+rank r takes numbers micro + j * W + r. The objective of a step is normalised by the target count
+of all of them, so W ranks with grad_accum a compute the step of one process with grad_accum a * W.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -21,20 +27,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from draftforge.config import RunConfig, load_config
+from draftforge.config import RunConfig, TrainConfig, load_config
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import TargetFeatures, TargetHead
 from draftforge.train.batching import token_budget_batches
 from draftforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from draftforge.train.distributed import Dist, full_params, full_state, grad_sync, load_full_state, local, parallelize
 from draftforge.train.optim import build_optimizer, build_scheduler
-from draftforge.train.ttt import ttt_forward, ttt_metrics, ttt_objective
+from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_objective
 
 # Settings that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {
     "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_last", "train.wandb", "data.num_workers",
+    "train.keep_last", "train.wandb", "train.fsdp", "train.target_tp", "data.num_workers",
 }
 
 
@@ -48,6 +56,15 @@ class Batch:
     @property
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def targets(self, steps: int) -> torch.Tensor:
+        """[steps] loss-masked tokens each TTT step predicts: step k predicts index t + 2 + k.
+        Known before any forward, so a step's objective can be normalised by its global count. A
+        target whose teacher argmax falls outside the draft vocabulary is counted but adds no loss."""
+        per_index = (self.loss_mask.bool() & self.attention_mask.bool()).sum(0)
+        from_index = per_index.flip(0).cumsum(0).flip(0)  # targets at index >= i
+        return torch.stack([from_index[2 + k] if 2 + k < len(from_index) else from_index.new_zeros(())
+                            for k in range(steps)])
 
 
 def collate(dataset, indices: Sequence[int]) -> Batch:
@@ -80,6 +97,27 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+class TTTModel(nn.Module):
+    """The TTT unroll of the draft as a module forward: DDP and FSDP2 act on calls of the wrapped
+    module's forward, and the unroll calls the draft's parts directly, not its forward."""
+
+    def __init__(self, draft: Eagle3Draft, head: TargetHead, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.draft, self.head, self.cfg = draft, head, cfg
+
+    def unroll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+               aux: torch.Tensor, final_hidden: torch.Tensor) -> TTTOutput:
+        return ttt_forward(
+            self.draft, input_ids, attention_mask, loss_mask, aux, final_hidden, self.head.weight,
+            steps=self.cfg.ttt_steps, attention=self.cfg.attention, checkpoint=self.cfg.gradient_checkpointing,
+            logit_softcap=self.head.logit_softcap,
+        )
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.unroll(*inputs)  # plain tensors out: FSDP2 hooks its backward onto them
+        return out.loss_sum, out.correct, out.count
+
+
 class Trainer:
     """Owns the draft, its optimizer and schedule, the data order, logs and checkpoints."""
 
@@ -92,9 +130,11 @@ class Trainer:
         train_set,
         eval_set=None,
         identity: dict[str, Any] | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.config = config
         self.cfg = config.train
+        self.dist = dist or Dist()
         self.draft = draft
         self.head = head
         self.features = features
@@ -103,87 +143,109 @@ class Trainer:
         self.identity = identity or {}  # what the data and target are; a resume must match it
         self.out = Path(self.cfg.out_dir)
         self.lengths = np.asarray(train_set.lengths)
-        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._epochs: dict[int, list[list[int]]] = {}
         self.batches_per_epoch = len(self._epoch_batches(0))
         if self.batches_per_epoch == 0:
             raise ValueError("the training set is empty")
-        micro_total = (
-            self.cfg.epochs * self.batches_per_epoch if self.cfg.epochs else self.cfg.max_steps * self.cfg.grad_accum
-        )
-        self.total_steps = max(1, math.ceil(micro_total / self.cfg.grad_accum))
+        self.micro_per_step = self.cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
+        epochs = self.cfg.epochs
+        self.total_steps = max(1, math.ceil(epochs * self.batches_per_epoch / self.micro_per_step) if epochs
+                               else self.cfg.max_steps)
+        self.ttt = TTTModel(draft, head, self.cfg)
+        bf16 = torch.bfloat16 if self.cfg.precision == "bf16" else None
+        self.model = parallelize(self.ttt, self.dist, self.cfg.fsdp, bf16)
         self.optimizer = build_optimizer(draft.parameters(), self.cfg.lr, self.cfg.weight_decay, self.cfg.betas)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.warmup_steps, self.total_steps)
         self.step = 0  # optimizer steps done
-        self.micro = 0  # micro-batches consumed (data position)
-        self.tokens = 0  # target tokens trained on
+        self.micro = 0  # global micro-batches consumed, all ranks together (data position)
+        self._asked = 0  # this rank's micro-batches of the step in progress whose features were asked for
+        self.tokens = 0  # target tokens trained on, all ranks together
         self._tb = None
 
     # ---- data order -------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            batches = token_budget_batches(self.lengths, self.cfg.tokens_per_batch, self.cfg.seed, epoch)
-            self._epoch_cache = (epoch, batches)
-        return self._epoch_cache[1]
+        if epoch not in self._epochs:
+            if len(self._epochs) > 1:  # keep two: read-ahead may look one epoch past the current one
+                del self._epochs[min(self._epochs)]
+            self._epochs[epoch] = token_budget_batches(self.lengths, self.cfg.tokens_per_batch, self.cfg.seed, epoch)
+        return self._epochs[epoch]
 
-    def _next_batch(self) -> Batch:
-        epoch, pos = divmod(self.micro, self.batches_per_epoch)
-        self.micro += 1
-        return collate(self.train_set, self._epoch_batches(epoch)[pos])
+    def _positions(self, number: int) -> list[int]:
+        """Train-set positions of global micro-batch `number`."""
+        epoch, pos = divmod(number, self.batches_per_epoch)
+        return self._epoch_batches(epoch)[pos]
+
+    def _numbers(self, first: int) -> list[int]:
+        """This rank's micro-batch numbers of the optimizer step that starts at global position `first`."""
+        return [first + j * self.dist.world + self.dist.rank for j in range(self.cfg.grad_accum)]
+
+    def upcoming(self, count: int) -> list[list[int]]:
+        """Train-set positions of this rank's next `count` micro-batches whose features were not asked
+        for yet, in order (a feature store reads them ahead)."""
+        numbers, first = self._numbers(self.micro)[self._asked:], self.micro
+        while len(numbers) < count:
+            first += self.micro_per_step
+            numbers += self._numbers(first)
+        return [self._positions(n) for n in numbers[:count]]
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
         if self.cfg.precision == "bf16":
-            device = self.head.weight.device.type
-            return torch.autocast(device, dtype=torch.bfloat16)
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, batch: Batch):
+    def _forward(self, batch: Batch, train: bool) -> TTTOutput:
+        """Training goes through the (wrapped) module forward, evaluation straight to the unroll."""
         feats = self.features(batch)
+        inputs = [t.to(self.dist.device, non_blocking=True) for t in (
+            batch.input_ids, batch.attention_mask, batch.loss_mask, feats.aux, feats.final_hidden)]
         with self._autocast():
-            return ttt_forward(
-                self.draft,
-                batch.input_ids,
-                batch.attention_mask,
-                batch.loss_mask,
-                feats.aux,
-                feats.final_hidden,
-                self.head.weight,
-                steps=self.cfg.ttt_steps,
-                attention=self.cfg.attention,
-                checkpoint=self.cfg.gradient_checkpointing,
-                logit_softcap=self.head.logit_softcap,
-            )
+            return TTTOutput(*self.model(*inputs)) if train else self.ttt.unroll(*inputs)
 
     def train_step(self) -> dict[str, Any]:
         self.draft.train()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = _Stats()
-        for _ in range(self.cfg.grad_accum):
-            batch = self._next_batch()
-            out = self._forward(batch)
-            # Each micro-batch's objective is token-normalised; accumulation averages them.
-            (ttt_objective(out) / self.cfg.grad_accum).backward()
+        batches = [collate(self.train_set, self._positions(n)) for n in self._numbers(self.micro)]
+        targets = self.dist.sum(torch.stack([b.targets(self.cfg.ttt_steps) for b in batches]).sum(0))
+        stats = _Stats(self.cfg.ttt_steps, self.dist.device)
+        for j, batch in enumerate(batches):
+            self._asked = j + 1
+            with grad_sync(self.model, last=j == len(batches) - 1):
+                out = self._forward(batch, train=True)
+                ttt_objective(out, targets).backward()  # this rank's share of the step's global mean
             stats.add(out, batch.tokens)
+        self.micro, self._asked = self.micro + self.micro_per_step, 0
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.draft.parameters() if p.requires_grad], self.cfg.clip_grad
         )
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        self.tokens += stats.tokens
-        return {**stats.metrics(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        totals = stats.reduce(self.dist)
+        self.tokens += totals.tokens
+        return {**totals.metrics(), "grad_norm": float(local(grad_norm)), "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
+        """Metrics of the eval split, its batches shared out over the ranks. Every rank runs the same
+        number of forwards (a collective feature source stays in step); a rank short of one repeats
+        its last batch and drops the result."""
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
         self.draft.eval()
-        stats = _Stats()
-        lengths = np.asarray(self.eval_set.lengths)
-        for idx in token_budget_batches(lengths, self.cfg.tokens_per_batch, seed=0, epoch=0):
-            batch = collate(self.eval_set, idx)
-            stats.add(self._forward(batch), batch.tokens)
-        return {f"eval_{k}": v for k, v in stats.metrics().items()}
+        stats = _Stats(self.cfg.ttt_steps, self.dist.device)
+        batches = token_budget_batches(np.asarray(self.eval_set.lengths), self.cfg.tokens_per_batch, seed=0, epoch=0)
+        rank, world = self.dist.rank, self.dist.world
+        mine = list(range(rank, len(batches), world))
+        turns = math.ceil(len(batches) / world)
+        with full_params(self.model):
+            for turn in range(turns):
+                number = mine[min(turn, len(mine) - 1)] if mine else 0
+                batch = collate(self.eval_set, batches[number])
+                out = self._forward(batch, train=False)
+                if turn < len(mine):
+                    stats.add(out, batch.tokens)
+        return {f"eval_{k}": v for k, v in stats.reduce(self.dist).metrics().items()}
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -191,42 +253,70 @@ class Trainer:
             "step": self.step,
             "micro": self.micro,
             "tokens": self.tokens,
+            "world_size": self.dist.world,
             "config": flat_config(self.config),
             "identity": self.identity,
             "draft_config": self.draft.config.to_dict(),
         }
 
-    def save(self) -> Path:
-        trainable = {k: v for k, v in self.draft.state_dict().items() if k != "embed_tokens.weight"}
-        optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        return save_checkpoint(self.out, self.step, trainable, optim, self.state(), self.cfg.keep_last)
+    def save(self) -> Path | None:
+        """Rank 0 writes the checkpoint (the others help gather sharded state); its path there."""
+        weights, optim = full_state(self.draft, self.optimizer)
+        if not self.dist.main:
+            return None
+        extra = {"optimizer": optim, "scheduler": self.scheduler.state_dict()}
+        return save_checkpoint(self.out, self.step, weights, extra, self.state(), self.cfg.keep_last)
+
+    def latest(self) -> Path | None:
+        """Rank 0's latest checkpoint, on every rank (only rank 0 has the checkpoints directory for sure)."""
+        return self.dist.from_main(latest_checkpoint(self.out) if self.dist.main else None)
 
     def resume(self, force: bool = False) -> bool:
-        """Load the latest checkpoint of out_dir if there is one. Refuses a changed config or data."""
-        path = latest_checkpoint(self.out)
+        """Load the latest checkpoint of out_dir if there is one. Refuses a changed config, data or
+        world size unless forced; every rank loads it."""
+        path = self.latest()
         if path is None:
             return False
-        model_state, extra, state = load_checkpoint(path)
+        weights, extra, state = load_checkpoint(path)
         problems = config_changes(state["config"], flat_config(self.config))
         if state.get("identity") != self.identity:
             problems.append(f"data/target identity: {state.get('identity')} -> {self.identity}")
+        world = state.get("world_size", 1)
+        if world != self.dist.world:
+            problems.append(f"world size: {world} -> {self.dist.world} ranks (an optimizer step trains on "
+                            f"{self.cfg.grad_accum * world} -> {self.micro_per_step} micro-batches)")
         if problems:
             msg = f"{path} was trained with a different setup:\n  " + "\n  ".join(problems)
             if not force:
                 raise SystemExit(msg + "\nUse a new train.out_dir, or --force to resume anyway.")
-            print("warning: resuming anyway (--force). " + msg, file=sys.stderr)
-        missing, unexpected = self.draft.load_state_dict(model_state, strict=False)
-        if unexpected or set(missing) - {"embed_tokens.weight"}:
-            raise SystemExit(f"{path}: checkpoint does not fit the draft (missing {missing}, extra {unexpected})")
-        self.optimizer.load_state_dict(extra["optimizer"]["optimizer"])
+            self._say("warning: resuming anyway (--force). " + msg, sys.stderr)
+        own = set(self.draft.state_dict()) - {"embed_tokens.weight"}
+        if set(weights) != own:
+            raise SystemExit(f"{path}: checkpoint does not fit the draft (missing {sorted(own - set(weights))}, "
+                             f"extra {sorted(set(weights) - own)})")
+        load_full_state(self.draft, self.optimizer, weights, extra["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(extra["optimizer"]["scheduler"])
         set_rng_state(extra["rng"])
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
-        print(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+        self._say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
         return True
 
+    def close(self) -> None:
+        """Leave the process group. The DDP wrapper goes first: its C++ reducer would otherwise be the
+        group's last owner and destroy it holding the GIL, which deadlocks with a gloo worker thread
+        that still has to release a tensor (seen with torch 2.13)."""
+        self.model = self.ttt
+        gc.collect()
+        self.dist.close()
+
     # ---- loop -------------------------------------------------------------------------------
+    def _say(self, text: str, file=None) -> None:
+        if self.dist.main:
+            print(text, file=file or sys.stdout)
+
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -244,8 +334,8 @@ class Trainer:
             self._tb.flush()
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not progress or not self.dist.main, dynamic_ncols=True)
         last: dict[str, Any] = {}
         t0, tok0 = time.perf_counter(), self.tokens
         while self.step < self.total_steps:
@@ -269,45 +359,51 @@ class Trainer:
 
 
 class _Stats:
-    """Token-weighted sums over micro-batches: the metrics of a step are those of its tokens."""
+    """Token-weighted sums over micro-batches and ranks: the metrics of a step are those of its tokens."""
 
-    def __init__(self) -> None:
-        self.loss = self.correct = self.count = None
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.sums = torch.zeros(3, steps, dtype=torch.float64, device=device)  # loss sum, correct, count per step
         self.tokens = 0
 
-    def add(self, out, tokens: int) -> None:
-        loss, correct, count = out.loss_sum.detach().float(), out.correct.float(), out.count.float()
-        if self.loss is None:
-            self.loss, self.correct, self.count = loss, correct, count
-        else:
-            self.loss, self.correct, self.count = self.loss + loss, self.correct + correct, self.count + count
+    def add(self, out: TTTOutput, tokens: int) -> None:
+        self.sums += torch.stack([out.loss_sum.detach().double(), out.correct.double(), out.count.double()])
         self.tokens += tokens
 
+    def reduce(self, dist: Dist) -> _Stats:
+        """In place, the sums over all ranks: exact for counts (integers far below 2^53), float64 for losses."""
+        flat = dist.sum(torch.cat([self.sums.flatten(), self.sums.new_tensor([self.tokens])])).cpu()
+        self.sums, self.tokens = flat[:-1].view(3, -1), int(flat[-1])
+        return self
+
     def metrics(self) -> dict[str, Any]:
-        m = ttt_metrics(self.correct, self.count, self.loss)
-        steps = len(self.count)
-        weights = torch.tensor([0.8**k for k in range(steps)])
-        loss = float((weights * self.loss / self.count.clamp(min=1)).sum())
-        return {"loss": loss, **m, "supervised": int(self.count[0])}
+        loss_sum, correct, count = self.sums
+        m = ttt_metrics(correct, count, loss_sum)
+        weights = torch.tensor([0.8**k for k in range(len(count))], dtype=torch.float64)
+        loss = float((weights * loss_sum / count.clamp(min=1)).sum())
+        return {"loss": loss, **m, "supervised": int(count[0])}
 
 
 # ---- command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (see recipes/); defaults train SmolLM2 on ShareGPT")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 train.lr=1e-4")
-    parser.add_argument("--force", action="store_true", help="resume even if config or data changed")
+    parser.add_argument("--force", action="store_true", help="resume even if config, data or world size changed")
     parser.add_argument("--no-resume", action="store_true", help="refuse to start if out_dir has checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Alone, or on every rank of `torchrun --nproc-per-node N -m draftforge.cli train ...`."""
     from draftforge.train.setup import build_training
 
     config = load_config(args.config, args.overrides)
     trainer = build_training(config)
-    if latest_checkpoint(config.train.out_dir) is not None and args.no_resume:
-        raise SystemExit(f"{config.train.out_dir} already has checkpoints (--no-resume given)")
-    trainer.resume(force=args.force)
-    final = trainer.fit(progress=not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None)
-    print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
+    try:
+        if args.no_resume and trainer.latest() is not None:
+            raise SystemExit(f"{config.train.out_dir} already has checkpoints (--no-resume given)")
+        trainer.resume(force=args.force)
+        final = trainer.fit(progress=not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None)
+    finally:
+        trainer.close()
+    trainer._say(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
     return 0
