@@ -161,6 +161,22 @@ def run_child(spec: dict) -> dict:
 # parent: subprocess per configuration, RSS watchdog, table
 
 
+def add_measure_arguments(ap: argparse.ArgumentParser, mem_limit_gib: float, timeout_s: float) -> None:
+    """`measure`'s limits, and the hidden flags it starts a child with."""
+    ap.add_argument("--mem-limit-gib", type=float, default=mem_limit_gib, help="a child above this RSS is killed: OOM")
+    ap.add_argument("--timeout-s", type=float, default=timeout_s, help="a child running longer is killed")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+
+
+def ran_as_child(args: argparse.Namespace, run: Callable[[dict], dict]) -> bool:
+    """In a child that `measure` started: run its spec, write the JSON result, and say so."""
+    if not args.child:
+        return False
+    Path(args.child_out).write_text(json.dumps(run(json.loads(args.child))))
+    return True
+
+
 def measure(spec: dict, mem_limit_gib: float, timeout_s: float, script: str = __file__) -> dict:
     """Run one configuration in a child (`script --child SPEC --child-out FILE`, whose JSON has "ms");
     kill it above the memory limit or the time limit."""
@@ -251,15 +267,10 @@ def main() -> None:
     ap.add_argument("--online", action="store_true", help="include the SmolLM2 target forward (online_batch_fn)")
     ap.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default=None,
                     help="PASSIVE when the cores are shared: spinning OpenMP threads then cost up to 4x")
-    ap.add_argument("--mem-limit-gib", type=float, default=18.0, help="a child above this RSS is killed: OOM")
-    ap.add_argument("--timeout-s", type=float, default=1800.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_measure_arguments(ap, mem_limit_gib=18.0, timeout_s=1800.0)
     args = ap.parse_args()
-
-    if args.child:
-        Path(args.child_out).write_text(json.dumps(run_child(json.loads(args.child))))
+    if ran_as_child(args, run_child):
         return
 
     results = []
