@@ -83,6 +83,27 @@ def test_resume_refuses_changed_config(tmp_path, tiny_target_dir, small_conversa
     assert "resuming anyway" in forced.stderr
 
 
+def test_resume_refuses_a_position_keyed_optimizer_state(tmp_path, tiny_target_dir, small_conversations, env):
+    """Checkpoints from before the optimizer state was keyed by parameter name export but cannot resume:
+    say so, instead of failing deep inside torch."""
+    import torch
+
+    out = tmp_path / "run"
+    args = train_args(tiny_target_dir, small_conversations, out, "train.max_steps=1")
+    subprocess.run(args, env=env, check=True, capture_output=True)
+    optimizer_file = latest_checkpoint(out) / "optimizer.pt"
+    saved = torch.load(optimizer_file, weights_only=True)
+    optim = saved["optimizer"]["optimizer"]
+    names = [p for g in optim["param_groups"] for p in g["params"]]
+    optim["state"] = {names.index(k): v for k, v in optim["state"].items()}
+    for g in optim["param_groups"]:
+        g["params"] = [names.index(p) for p in g["params"]]
+    torch.save(saved, optimizer_file)
+    old = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert old.returncode != 0
+    assert "optimizer state keyed by position" in old.stderr and "draft.init_from" in old.stderr
+
+
 def test_draft_learns_on_a_tiny_target(tmp_path, tiny_target_dir, small_conversations, isolated_cache):
     from draftforge.train.setup import build_training
 

@@ -294,7 +294,12 @@ class Trainer:
         if set(weights) != own:
             raise SystemExit(f"{path}: checkpoint does not fit the draft (missing {sorted(own - set(weights))}, "
                              f"extra {sorted(set(weights) - own)})")
-        load_full_state(self.draft, self.optimizer, weights, extra["optimizer"]["optimizer"])
+        optim = extra["optimizer"]["optimizer"]
+        if any(not isinstance(p, str) for g in optim["param_groups"] for p in g["params"]):
+            raise SystemExit(f"{path}: optimizer state keyed by position (written before draftforge keyed it by "
+                             f"parameter name), so the run cannot resume. `draftforge export` still reads it; to "
+                             f"continue, export it and train into a new train.out_dir with draft.init_from=EXPORT_DIR.")
+        load_full_state(self.draft, self.optimizer, weights, optim)
         self.scheduler.load_state_dict(extra["optimizer"]["scheduler"])
         set_rng_state(extra["rng"])
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
