@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,29 @@ def test_stopped_two_rank_run_resumes_identically(setup, ddp):
     assert records(stopped) == records(ddp)  # steps 3..6 logged again, exactly
     assert_same_weights(stopped, ddp, rtol=0, atol=0)
     assert not list((stopped / "checkpoints").glob("*.tmp"))
+
+
+def test_sigkilled_two_rank_run_resumes_identically(setup, ddp):
+    """torchrun and both ranks SIGKILLed mid-run (after a save, maybe inside the next one); the same command
+    resumes on 2 ranks and ends bit-identical to the uninterrupted run."""
+    root, args, env = setup
+    out = root / "killed"
+    proc = subprocess.Popen(torchrun(*args("killed")), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and int(ckpt.name.split("_")[1]) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run exited with {proc.returncode} before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert int(latest_checkpoint(out).name.split("_")[1]) < STEPS, "the run finished before it was killed"
+
+    launch(setup, "killed")
+    assert records(out) == records(ddp)
+    assert_same_weights(out, ddp, rtol=0, atol=0)
 
 
 def test_resume_under_another_world_size_needs_force(setup, ddp, tmp_path, capsys):
