@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 
 
@@ -52,3 +58,22 @@ def small_conversations(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "conversations.jsonl"
     prepare(["sharegpt"], path, max_rows=48)
     return path
+
+
+def kill_after_checkpoint(cmd: list[str], env: dict[str, str], out: Path, step: int) -> int:
+    """Start a training command, SIGKILL its whole process group once `out` has checkpoint `step`, and return the
+    step of the latest checkpoint left (a save may have been cut short after it)."""
+    from draftforge.train.checkpoint import latest_checkpoint
+
+    def latest() -> int:
+        ckpt = latest_checkpoint(out)
+        return -1 if ckpt is None else int(ckpt.name.split("_")[1])
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and latest() < step:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run exited with {proc.returncode} before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return latest()

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from safetensors.torch import load_file
 from draftforge.cli import main
 from draftforge.export.formats import export_draft
 from draftforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from tests.conftest import kill_after_checkpoint
 
 STEPS = 6
 
@@ -153,18 +152,7 @@ def test_sigkilled_two_rank_run_resumes_identically(setup, ddp):
     resumes on 2 ranks and ends bit-identical to the uninterrupted run."""
     root, args, env = setup
     out = root / "killed"
-    proc = subprocess.Popen(torchrun(*args("killed")), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None and int(ckpt.name.split("_")[1]) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run exited with {proc.returncode} before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert int(latest_checkpoint(out).name.split("_")[1]) < STEPS, "the run finished before it was killed"
+    assert kill_after_checkpoint(torchrun(*args("killed")), env, out, step=2) < STEPS, "finished before the kill"
 
     launch(setup, "killed")
     assert records(out) == records(ddp)

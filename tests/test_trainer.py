@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from draftforge.config import load_config
 from draftforge.train.checkpoint import latest_checkpoint
+from tests.conftest import kill_after_checkpoint
 
 
 def train_args(target: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -50,18 +49,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_target_dir, small_
     assert sorted(expected) == list(range(1, 11))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_args(tiny_target_dir, small_conversations, killed), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ckpt = latest_checkpoint(killed)
-        if ckpt is not None and int(ckpt.name.split("_")[1]) >= 4:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run exited with {proc.returncode} before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stopped_at = int(latest_checkpoint(killed).name.split("_")[1])
+    stopped_at = kill_after_checkpoint(train_args(tiny_target_dir, small_conversations, killed), env, killed, step=4)
     assert stopped_at < 10, "the run finished before it could be killed"
 
     subprocess.run(train_args(tiny_target_dir, small_conversations, killed), env=env, check=True,
