@@ -44,10 +44,10 @@ from draftforge.features.store import (
     shard_problem,
     shard_record,
     store_identity,
-    teacher_rows,
     write_json,
     write_shard,
 )
+from draftforge.train.loss import teacher_row_mask
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -172,7 +172,7 @@ def capture_shard(target, dataset, start: int, end: int, manifest: dict[str, Any
         feats = target.features(b.input_ids.to(device), b.attention_mask.to(device))
         for row, i in enumerate(batch):
             n = int(lengths[i])
-            rows = teacher_rows(b.loss_mask[row, :n])
+            rows = teacher_row_mask(b.loss_mask[row, :n])
             aux = encode(feats.aux[row, :n].cpu(), store_dtype, 3, channel.get("aux"))
             final = encode(feats.final_hidden[row, :n].cpu()[rows], store_dtype, 1, channel.get("final"))
             parts[i] = (aux, final, rows)

@@ -94,13 +94,6 @@ def decode(q: Tensor, scale: Tensor | None, dtype: torch.dtype, channel: Tensor 
     return (y if channel is None else y * channel).to(dtype)
 
 
-def teacher_rows(loss_mask: Tensor) -> Tensor:
-    """bool [n]: the indices t of one sample whose final hidden state TTT reads (t+1 supervised)."""
-    rows = torch.zeros(len(loss_mask), dtype=torch.bool)
-    rows[:-1] = loss_mask[1:].bool()
-    return rows
-
-
 def bytes_per_token(store_dtype: str, hidden: int) -> float:
     """Upper bound on disk per token (every final row stored), used to size shards."""
     size = _ITEMSIZE[STORE_DTYPES[store_dtype]]

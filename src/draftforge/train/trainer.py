@@ -36,6 +36,7 @@ from draftforge.target.base import TargetFeatures, TargetHead
 from draftforge.train.batching import token_budget_batches
 from draftforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from draftforge.train.distributed import Dist, full_params, full_state, grad_sync, load_full_state, local, parallelize
+from draftforge.train.loss import teacher_row_mask
 from draftforge.train.optim import build_optimizer, build_scheduler
 from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_objective
 
@@ -61,10 +62,8 @@ class Batch:
         """[steps] loss-masked tokens each TTT step predicts: step k predicts index t + 2 + k.
         Known before any forward, so a step's objective can be normalised by its global count. A
         target whose teacher argmax falls outside the draft vocabulary is counted but adds no loss."""
-        per_index = (self.loss_mask.bool() & self.attention_mask.bool()).sum(0)
-        from_index = per_index.flip(0).cumsum(0).flip(0)  # targets at index >= i
-        return torch.stack([from_index[2 + k] if 2 + k < len(from_index) else from_index.new_zeros(())
-                            for k in range(steps)])
+        rows = teacher_row_mask(self.loss_mask, self.attention_mask)
+        return torch.stack([rows[:, 1 + k :].sum() for k in range(steps)])
 
 
 def collate(dataset, indices: Sequence[int]) -> Batch:

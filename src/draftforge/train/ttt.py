@@ -22,6 +22,7 @@ from draftforge.draft.model import Eagle3Draft
 from draftforge.train.loss import (
     compute_dtype,
     fused_linear_soft_ce,
+    teacher_row_mask,
     teacher_targets,
     ttt_metrics,
     ttt_objective,
@@ -63,10 +64,7 @@ def ttt_forward(
     layer = draft.midlayer
 
     # teacher, once per index u = t+1+k: rows where x[u+1] is a valid assistant token
-    valid = attention_mask.bool()
-    cand = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    cand[:, :-1] = loss_mask[:, 1:].bool() & valid[:, 1:]
-    cand_idx = torch.nonzero(cand.flatten()).flatten()
+    cand_idx = torch.nonzero(teacher_row_mask(loss_mask, attention_mask).flatten()).flatten()
     teacher = teacher_targets(
         final_hidden.flatten(0, 1).index_select(0, cand_idx), target_lm_head_weight, draft.t2d,
         logit_softcap=logit_softcap,
