@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-_BLOCK = 256  # query block of the blockwise causal kernel
+BLOCK = 256  # query block of the blockwise causal kernel
 
 
 def ttt_attention(
@@ -163,8 +163,8 @@ def _blockwise_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     L = q.shape[2]
     out = torch.empty_like(qg)
     lse = torch.empty(qg.shape[:-1], dtype=acc, device=q.device)
-    for i0 in range(0, L, _BLOCK):
-        i1 = min(i0 + _BLOCK, L)
+    for i0 in range(0, L, BLOCK):
+        i1 = min(i0 + BLOCK, L)
         s = _block_scores(qg, k, i0, i1, scale)
         m = torch.logsumexp(s, dim=-1)
         lse[..., i0:i1] = m
@@ -183,8 +183,8 @@ def _blockwise_backward(
     dk = torch.zeros(qg.shape, dtype=acc, device=q.device)
     dv = torch.zeros(qg.shape, dtype=acc, device=q.device)
     row = (dog.to(acc) * outg.to(acc)).sum(-1)
-    for i0 in range(0, L, _BLOCK):
-        i1 = min(i0 + _BLOCK, L)
+    for i0 in range(0, L, BLOCK):
+        i1 = min(i0 + BLOCK, L)
         p = (_block_scores(qg, k, i0, i1, scale) - lseg[..., i0:i1, None].to(acc)).exp()
         g = dog[..., i0:i1, :].to(acc)
         dp = g @ v[:, :, None, :i1].to(acc).transpose(-1, -2)

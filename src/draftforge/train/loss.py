@@ -43,13 +43,22 @@ class TeacherTargets:
     in_draft: Tensor  # [N] bool, the full-vocabulary argmax is a draft token
 
 
+TEACHER_ROW_CHUNK, TEACHER_VOCAB_CHUNK = 1024, 8192  # teacher_targets' [rows, vocabulary] logits block
+
+
+def loss_chunks(draft_vocab: int) -> tuple[int, int]:
+    """fused_linear_soft_ce's default rows per matmul (a [chunk, Dv] block of about 2^24 elements)
+    and rows per float32 step (about 2^19 elements: cache-sized)."""
+    return max(16, (1 << 24) // draft_vocab), max(4, (1 << 19) // draft_vocab)
+
+
 @torch.no_grad()
 def teacher_targets(
     final_hidden: Tensor,
     lm_head_weight: Tensor,
     t2d: Tensor,
-    row_chunk: int = 1024,
-    vocab_chunk: int = 8192,
+    row_chunk: int = TEACHER_ROW_CHUNK,
+    vocab_chunk: int = TEACHER_VOCAB_CHUNK,
     logit_softcap: float | None = None,
 ) -> TeacherTargets:
     """final_hidden [N, Ht] (after the target's final norm), lm_head_weight [V, Ht], t2d [V] bool.
@@ -260,9 +269,8 @@ def fused_linear_soft_ce(
     (default about 2^19 elements: cache-sized).
     """
     dt = compute_dtype(hidden)
-    dv = weight.shape[0]
-    chunk = chunk or max(16, (1 << 24) // dv)
-    sub = sub or max(4, (1 << 19) // dv)
+    default_chunk, default_sub = loss_chunks(weight.shape[0])
+    chunk, sub = chunk or default_chunk, sub or default_sub
     return _FusedLinearSoftCE.apply(hidden, weight, teacher_probs, teacher_rows, teacher_argmax, dt, chunk, sub)
 
 

@@ -14,7 +14,7 @@ Memory is the largest of seven moments of a step, each `fixed + per_token * toke
   step under checkpointing), then its MLP backward, then its attention backward;
 - optimizer: gradients plus the AdamW update.
 The efficient and blockwise attention paths are linear in the sequence length (blockwise holds
-score blocks of `_BLOCK` query rows); the dense reference is quadratic.
+score blocks of `attention.BLOCK` query rows); the dense reference is quadratic.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from draftforge.draft.attention import BLOCK
 from draftforge.draft.config import DraftModelConfig
+from draftforge.train.loss import TEACHER_ROW_CHUNK, TEACHER_VOCAB_CHUNK, loss_chunks
 
 GIB = 1 << 30
 ACC = 4  # float32: softmax / accumulation / AdamW / gradients
-BLOCK = 256  # draft/attention.py _BLOCK: query rows per score block of the blockwise kernel
-LOSS_CHUNK, LOSS_SUB = 1 << 24, 1 << 19  # loss.fused_linear_soft_ce defaults (elements of a block)
-TEACHER_ROWS, TEACHER_VOCAB = 1024, 8192  # loss.teacher_targets defaults
 PATHS = ("efficient", "blockwise", "reference")
 STAGES = {"forward": ("teacher", "fwd"), "backward": ("bwd",), "optimizer": ("optimizer",)}
 
@@ -150,12 +149,13 @@ def training_memory(
     weights_fwd = w_qkv * (1 if checkpoint else K + 1) + w_cast
     weights_bwd = weights_fwd + (w_qkv if checkpoint else 0)  # + the recomputed step's hidden-half copy
     grad_w = d.Dv * d.H * ACC  # each step's lm_head gradient, computed in the loss forward
-    rows = max(1, min(max(16, LOSS_CHUNK // d.Dv), T))
-    sub = max(1, min(max(4, LOSS_SUB // d.Dv), rows))
+    chunk, sub = loss_chunks(d.Dv)
+    rows = max(1, min(chunk, T))
+    sub = max(1, min(sub, rows))
     loss_ws = (d.Dv * d.H * c * 2 * low + d.Dv * d.H * ACC * (low and T > rows) + 2 * rows * d.Dv * c
                + sub * d.Dv * ACC * (2 * low + 1) + sub * d.Dv * c * low)
-    tr = min(TEACHER_ROWS, T)
-    teacher_ws = tr * d.Dv * (c + ACC * (1 + low)) + tr * TEACHER_VOCAB * c
+    tr = min(TEACHER_ROW_CHUNK, T)
+    teacher_ws = tr * d.Dv * (c + ACC * (1 + low)) + tr * TEACHER_VOCAB_CHUNK * c
 
     # ---- the moments ------------------------------------------------------------------------------
     grads_fwd = grads_all if grad_accum > 1 else 0
