@@ -49,6 +49,7 @@ from transformers import DynamicCache
 from draftforge.draft.config import DraftModelConfig, target_rope
 from draftforge.draft.model import Eagle3Draft
 from draftforge.export.formats import aux_layer_ids_of
+from draftforge.target.base import DTYPES
 from draftforge.target.hf import decoder_layers, text_config
 
 # ---- configs ---------------------------------------------------------------------------------------
@@ -727,8 +728,6 @@ def evaluate_suite(
 
 
 # ---- command line -------------------------------------------------------------------------------------
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from draftforge.draft.config import DraftModelConfig
+from draftforge.target.base import DTYPES
 
 FORMATS = ("sglang", "vllm", "speculators")
 EAGLE3_ARCHS = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def expected_shapes(cfg: DraftModelConfig, prefix: str = "midlayer.") -> dict[str, tuple[int, ...]]:

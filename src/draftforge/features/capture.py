@@ -47,9 +47,8 @@ from draftforge.features.store import (
     write_json,
     write_shard,
 )
+from draftforge.target.base import DTYPES
 from draftforge.train.loss import teacher_row_mask
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _ranks() -> tuple[int, int, int]:
@@ -228,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None
     tokenizer = load_tokenizer(config.target.path)
     dataset = build_tokenized(config.data, tokenizer, config.target.path, progress=progress and rank == 0)
-    target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, _DTYPES[config.target.dtype],
+    target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, DTYPES[config.target.dtype],
                                       config.target.trust_remote_code)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")

@@ -7,6 +7,9 @@ from typing import Protocol
 
 import torch
 
+# The names `target.dtype`, `export --dtype` and `eval --dtype` take.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 
 @dataclass
 class TargetFeatures:

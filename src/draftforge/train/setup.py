@@ -18,12 +18,10 @@ import torch
 from draftforge.config import RunConfig
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
-from draftforge.target.base import TargetHead
+from draftforge.target.base import DTYPES, TargetHead
 from draftforge.target.hf import HFTarget
 from draftforge.train.distributed import Dist, in_turn, init_distributed, local
 from draftforge.train.trainer import Batch, Trainer
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class DatasetView:
