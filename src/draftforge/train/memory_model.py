@@ -28,6 +28,7 @@ from typing import Any
 
 from draftforge.draft.attention import BLOCK
 from draftforge.draft.config import DraftModelConfig
+from draftforge.target.base import DTYPES
 from draftforge.train.loss import TEACHER_ROW_CHUNK, TEACHER_VOCAB_CHUNK, loss_chunks
 
 GIB = 1 << 30
@@ -299,18 +300,14 @@ def recipe_shape(path: str | Path) -> tuple[DraftModelConfig, dict[str, Any]]:
 
     run, meta = load_recipe(path)
     shape = dict(meta["draft"]["shape"], aux_layer_ids=run.target.aux_layers or meta["taps"]["hf_hidden_states"])
-    cfg, head_bytes = DraftModelConfig(**shape), _dtype_bytes(run.target.dtype)
+    cfg, head_bytes = DraftModelConfig(**shape), DTYPES[run.target.dtype].itemsize
     online = not run.features.store  # the target runs next to the draft: its weights stay on the GPU
     target = int(meta["hardware"]["target_weights_gb"] * 1e9) - head_bytes * cfg.vocab_size * cfg.target_hidden_size
     train = dict(ttt_steps=run.train.ttt_steps, precision=run.train.precision, attention=run.train.attention,
                  checkpoint=run.train.gradient_checkpointing, grad_accum=run.train.grad_accum, head_bytes=head_bytes,
-                 feature_bytes=_dtype_bytes(run.target.dtype if online else run.features.store_dtype),
+                 feature_bytes=head_bytes,  # a store's rows are decoded to the target dtype too
                  target_weights_bytes=target if online else 0)
     return cfg, dict(train, target=meta.get("target", str(path)))
-
-
-def _dtype_bytes(name: str) -> int:
-    return 4 if "32" in name or name == "float" else 2
 
 
 def format_table(rows: list[dict[str, Any]], budget_gib: float | None = None) -> str:
