@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from draftforge.demo import REGENERATED
 from draftforge.eval.vllm_server import (
     VLLMServer,
     acceptance_length,
@@ -77,7 +78,7 @@ TRAIN_OVERRIDES = [
 ]
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
-TRAIN_DATA = ROOT / "data" / "regenerated" / "smollm2-135m-sharegpt.jsonl"
+TRAIN_DATA = ROOT / REGENERATED  # the demo's data
 
 
 # ----------------------------------------------------------------------------- prompts and requests
