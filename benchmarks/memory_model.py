@@ -37,7 +37,7 @@ from pathlib import Path
 from train_step import GIB, SHAPE, add_measure_arguments, make_step, measure, ran_as_child
 
 from draftforge.draft.config import DraftModelConfig
-from draftforge.train.memory_model import format_table, measured_peaks, recipe_shape, training_memory
+from draftforge.train.memory_model import format_table, measured_peaks, recipe_memory, recipe_shape, training_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "memory_model.json"
@@ -142,13 +142,8 @@ def recipe_rows(lengths: list[int]) -> list[dict]:
     each recipe trains: its gradient accumulation, feature dtype, the target's weights when online."""
     rows = []
     for name in RECIPES:
-        cfg, train = recipe_shape(ROOT / "recipes" / f"{name}.yaml")
-        for L in lengths:
-            for ck in (False, True):
-                m = training_memory(cfg, L, ttt_steps=7, precision="bf16", attention="blockwise", checkpoint=ck,
-                                    feature_bytes=train["feature_bytes"], head_bytes=train["head_bytes"],
-                                    grad_accum=train["grad_accum"], target_weights_bytes=train["target_weights_bytes"])
-                rows.append(dict(m, name=name))
+        shape = recipe_shape(ROOT / "recipes" / f"{name}.yaml")
+        rows += [dict(recipe_memory(*shape, L, ck), name=name) for L in lengths for ck in (False, True)]
     return rows
 
 

@@ -12,7 +12,7 @@ import torch
 
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
-from draftforge.train.memory_model import GIB, measured_peaks, recipe_shape, training_memory
+from draftforge.train.memory_model import GIB, measured_peaks, recipe_memory, recipe_shape, training_memory
 from draftforge.train.ttt import ttt_forward, ttt_objective
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -99,10 +99,7 @@ def test_checkpointing_saves_activations():
 
 def recipe_peak_gib(name: str, seq_len: int, checkpoint: bool) -> float:
     """A recipe's draft as it trains (its accumulation, feature dtype, online target): TTT 7, bf16, GPU path."""
-    cfg, train = recipe_shape(RECIPES / f"{name}.yaml")
-    setting = {k: train[k] for k in ("grad_accum", "feature_bytes", "head_bytes", "target_weights_bytes")}
-    return training_memory(cfg, seq_len, ttt_steps=7, precision="bf16", attention="blockwise",
-                           checkpoint=checkpoint, **setting)["peak_bytes"] / GIB
+    return recipe_memory(*recipe_shape(RECIPES / f"{name}.yaml"), seq_len, checkpoint)["peak_bytes"] / GIB
 
 
 def test_8b_draft_trains_32k_tokens_on_an_80gb_gpu():

@@ -310,6 +310,14 @@ def recipe_shape(path: str | Path) -> tuple[DraftModelConfig, dict[str, Any]]:
     return cfg, dict(train, target=meta.get("target", str(path)))
 
 
+def recipe_memory(cfg: DraftModelConfig, train: dict[str, Any], seq_len: int, checkpoint: bool) -> dict[str, Any]:
+    """`training_memory` of a recipe's draft (`recipe_shape`) as a GPU trains it: TTT 7, bf16, blockwise
+    attention, with the recipe's accumulation, feature / head dtypes and an online target's weights."""
+    return training_memory(cfg, seq_len, ttt_steps=7, precision="bf16", attention="blockwise", checkpoint=checkpoint,
+                           feature_bytes=train["feature_bytes"], head_bytes=train["head_bytes"],
+                           grad_accum=train["grad_accum"], target_weights_bytes=train["target_weights_bytes"])
+
+
 def format_table(rows: list[dict[str, Any]], budget_gib: float | None = None) -> str:
     """One line per `training_memory` result (its "name" if set): trainable parameters; GiB of fp32
     weights, AdamW state, frozen weights (embedding, target head, an online target); at the peak
