@@ -46,7 +46,7 @@ def _naive(h, w, t_logits, rows):
     z = h @ w.T
     pt = torch.softmax(t_logits[rows].double(), -1)
     loss = -(pt * torch.log_softmax(z.double(), -1)).sum()
-    correct = (z.argmax(-1) == t_logits[rows].argmax(-1)).sum()
+    correct = z.argmax(-1) == t_logits[rows].argmax(-1)
     return loss, correct
 
 
@@ -62,7 +62,7 @@ def test_fused_soft_ce_matches_naive(dtype, tol, chunk, sub):
     w = torch.randn(DV, H, generator=g, dtype=dtype, requires_grad=True)
     t_logits = torch.randn(N + 5, DV, generator=g, dtype=dtype) * 3
     rows = torch.randperm(N + 5, generator=g)[:N]
-    loss, correct = fused_linear_soft_ce(h, w, _probs(t_logits), rows, t_logits.argmax(-1), chunk=chunk, sub=sub)
+    loss, hits = fused_linear_soft_ce(h, w, _probs(t_logits), rows, t_logits.argmax(-1), chunk=chunk, sub=sub)
     (loss * 0.37).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -70,7 +70,7 @@ def test_fused_soft_ce_matches_naive(dtype, tol, chunk, sub):
     (ref * 0.37).backward()
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
-    assert correct.item() == ref_correct.item()
+    assert torch.equal(hits, ref_correct)
     assert torch.allclose(gh, h.grad, rtol=tol, atol=tol)
     assert torch.allclose(gw, w.grad, rtol=tol, atol=tol)
 
@@ -104,7 +104,8 @@ def test_fused_soft_ce_no_grad():
 
 def test_objective_and_metrics():
     loss_sum = torch.tensor([4.0, 6.0, 8.0], requires_grad=True)
-    out = TTTOutput(loss_sum=loss_sum, correct=torch.tensor([3, 1, 0]), count=torch.tensor([4, 2, 0]))
+    out = TTTOutput(loss_sum=loss_sum, correct=torch.tensor([3, 1, 0]), count=torch.tensor([4, 2, 0]),
+                    chain=torch.tensor([3, 1, 0]), chain_base=torch.tensor([4, 2, 0]))
     obj = ttt_objective(out)
     assert obj.item() == pytest.approx(4 / 4 + 0.8 * 6 / 2 + 0.64 * 8 / 1)
     obj.backward()
@@ -115,15 +116,28 @@ def test_objective_and_metrics():
     assert m["acc_0"] == 0.75 and m["acc_1"] == 0.5 and m["acc_2"] == 0.0
     assert m["loss_1"] == 3.0
     assert m["sim_tau"] == pytest.approx(1 + 0.75 + 0.375)
+    assert ttt_objective(out, decay=0.5).item() == pytest.approx(4 / 4 + 0.5 * 6 / 2 + 0.25 * 8 / 1)
+
+
+def test_conditional_metrics_follow_the_chain():
+    """cacc_k: right at step k among the rows right at steps < k; cond_tau multiplies those."""
+    m = ttt_metrics(torch.tensor([6, 5, 4]), torch.tensor([10, 10, 8]), chain=torch.tensor([6, 3, 1]),
+                    chain_base=torch.tensor([10, 6, 2]))
+    assert [m["cacc_0"], m["cacc_1"], m["cacc_2"]] == pytest.approx([0.6, 0.5, 0.5])
+    assert m["cond_tau"] == pytest.approx(1 + 0.6 + 0.3 + 0.15)
+    assert m["sim_tau"] == pytest.approx(1 + 0.6 + 0.3 + 0.15)  # marginals 0.6, 0.5, 0.5: equal by chance here
+    m = ttt_metrics(torch.tensor([6, 5]), torch.tensor([10, 10]), chain=torch.tensor([6, 5]),
+                    chain_base=torch.tensor([10, 6]))
+    assert m["cond_tau"] == pytest.approx(1 + 0.6 + 0.5) and m["sim_tau"] == pytest.approx(1 + 0.6 + 0.3)
 
 
 def test_fused_soft_ce_no_rows():
     h = torch.zeros(0, H, requires_grad=True)
     w = torch.randn(DV, H, requires_grad=True)
-    loss, correct = fused_linear_soft_ce(h, w, torch.zeros(0, DV), torch.zeros(0, dtype=torch.long),
-                                         torch.zeros(0, dtype=torch.long))
+    loss, hits = fused_linear_soft_ce(h, w, torch.zeros(0, DV), torch.zeros(0, dtype=torch.long),
+                                      torch.zeros(0, dtype=torch.long))
     loss.backward()
-    assert loss.item() == 0.0 and correct.item() == 0
+    assert loss.item() == 0.0 and hits.shape == (0,)
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 

@@ -13,26 +13,26 @@ B, L, V, DV, HT = 3, 20, 100, 20, 32
 LENGTHS = [20, 14, 6]
 
 
-def _setup(dtype=torch.float64, seed=0):
+def _setup(dtype=torch.float64, seed=0, dv=DV):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    draft = Eagle3Draft(tiny_config()).to(dtype)
+    draft = Eagle3Draft(tiny_config(draft_vocab_size=dv)).to(dtype)
     with torch.no_grad():  # larger weights than the 0.02 init so every path matters numerically
         for n, p in draft.named_parameters():
             if p.dim() == 2 and n != "embed_tokens.weight":
                 p.normal_(0, 0.3, generator=g)
     draft.load_target_embedding(torch.randn(V, 32, generator=g, dtype=dtype))
-    ids = torch.sort(torch.randperm(V, generator=g)[:DV]).values
+    ids = torch.sort(torch.randperm(V, generator=g)[:dv]).values
     t2d = torch.zeros(V, dtype=torch.bool)
     t2d[ids] = True
-    draft.set_vocab_mapping(ids - torch.arange(DV), t2d)
+    draft.set_vocab_mapping(ids - torch.arange(dv), t2d)
     input_ids = torch.randint(0, V, (B, L), generator=g)
     attention_mask = (torch.arange(L)[None] < torch.tensor(LENGTHS)[:, None]).long()
     loss_mask = (torch.rand(B, L, generator=g) < 0.8).long() * attention_mask
     aux = torch.randn(B, L, 3 * HT, generator=g, dtype=dtype)
     final_hidden = torch.randn(B, L, HT, generator=g, dtype=dtype)
     w = torch.randn(V, HT, generator=g, dtype=dtype)
-    w[ids[: DV // 2]] *= 2.5  # about half the target argmaxes fall in the draft vocab
+    w[ids[: max(1, dv // 2)]] *= 2.5  # about half the target argmaxes fall in the draft vocab
     return draft, (input_ids, attention_mask, loss_mask, aux, final_hidden, w)
 
 
@@ -43,7 +43,8 @@ def naive_ttt(draft, input_ids, attention_mask, loss_mask, aux, final_hidden, w,
     in_draft = draft.t2d[full.argmax(-1)]
     n_valid = attention_mask.sum(1).tolist()
     h = draft.project(aux)
-    ks, vs, losses, corrects, counts = [], [], [], [], []
+    ks, vs, losses, corrects, counts, chain, chain_base = [], [], [], [], [], [], []
+    alive = torch.ones(B, L, dtype=torch.bool)  # right at every step so far
     for k in range(steps):
         ids_k = torch.zeros_like(input_ids)
         teacher_k = torch.zeros_like(teacher)
@@ -63,10 +64,14 @@ def naive_ttt(draft, input_ids, attention_mask, loss_mask, aux, final_hidden, w,
         logits = draft.logits(out)
         ce = -(torch.softmax(teacher_k, -1) * torch.log_softmax(logits, -1)).sum(-1)
         losses.append(ce[sup].sum())
-        corrects.append((logits.argmax(-1) == teacher_k.argmax(-1))[sup].sum())
+        right = (logits.argmax(-1) == teacher_k.argmax(-1)) & sup
+        corrects.append(right.sum())
         counts.append(sup.sum())
+        chain_base.append((alive & sup).sum())
+        alive = alive & right
+        chain.append(alive.sum())
         h = out
-    return torch.stack(losses), torch.stack(corrects), torch.stack(counts)
+    return torch.stack(losses), torch.stack(corrects), torch.stack(counts), torch.stack(chain), torch.stack(chain_base)
 
 
 def _grads(draft, loss):
@@ -78,16 +83,27 @@ def _grads(draft, loss):
 def test_matches_naive_float64():
     draft, batch = _setup()
     out = ttt_forward(draft, *batch, steps=7, loss_chunk=7)
-    loss_sum, correct, count = naive_ttt(draft, *batch, steps=7)
+    loss_sum, correct, count, chain, chain_base = naive_ttt(draft, *batch, steps=7)
     assert out.count.tolist() == count.tolist()
     assert 0 < out.count[0] < B * L and out.count[-1] > 0
     assert out.correct.tolist() == correct.tolist()
+    assert out.chain.tolist() == chain.tolist() and out.chain_base.tolist() == chain_base.tolist()
     assert torch.allclose(out.loss_sum, loss_sum, rtol=1e-10)
     g = _grads(draft, ttt_objective(out))
     ref = _grads(draft, (loss_sum * 0.8 ** torch.arange(7, dtype=torch.float64) / count.clamp(min=1)).sum())
     for n in ref:
         assert torch.allclose(g[n], ref[n], rtol=1e-8, atol=1e-10), n
     assert set(g) == set(ref) and "embed_tokens.weight" not in g
+
+
+def test_chain_counts_match_naive():
+    """With 3 draft tokens a random draft is often right, so chains run several steps deep."""
+    draft, batch = _setup(dv=3, seed=2)
+    batch[-1][draft.t2d] *= 10  # the target's top token is nearly always a draft token
+    out = ttt_forward(draft, *batch, steps=4)
+    _, correct, _, chain, chain_base = naive_ttt(draft, *batch, steps=4)
+    assert out.chain.tolist() == chain.tolist() and out.chain_base.tolist() == chain_base.tolist()
+    assert chain[2] > 0 and (chain[1:] < correct[1:]).all()  # deep chains, and hits after a miss excluded
 
 
 @pytest.mark.parametrize("attention", ["efficient", "blockwise"])
@@ -148,5 +164,10 @@ def test_metrics_and_no_grad_eval():
     with torch.no_grad():
         out = ttt_forward(draft, *batch, steps=3)
     m = out.metrics()
-    assert set(m) == {"acc_0", "acc_1", "acc_2", "loss_0", "loss_1", "loss_2", "sim_tau"}
-    assert 1.0 <= m["sim_tau"] <= 4.0
+    steps = ("0", "1", "2")
+    assert set(m) == {f"{k}_{i}" for k in ("acc", "loss", "cacc") for i in steps} | {"sim_tau", "cond_tau"}
+    acc = out.correct.double() / out.count.double()
+    cacc = out.chain.double() / out.chain_base.double().clamp(min=1)
+    assert m["sim_tau"] == pytest.approx(1 + float(acc.cumprod(0).sum()))
+    assert m["cond_tau"] == pytest.approx(1 + float(cacc.cumprod(0).sum()))
+    assert m["loss_1"] == pytest.approx(float(out.loss_sum[1] / out.count[1]))

@@ -39,6 +39,8 @@ class DraftConfig:
     draft_vocab_size: int = 32000
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {intermediate_size: 4096}
     init_from: str | None = None  # warm start from an exported draft directory
+    head_from_target: bool = False  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
+    normalize_taps: bool = False  # each aux tap scaled to unit RMS (measured on the first batch); export folds it
 
 
 @dataclass
@@ -48,6 +50,12 @@ class TrainConfig:
     attention: str = "efficient"  # "efficient" (linear memory) or "reference" (dense oracle)
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     lr: float = 3e-4
+    head_lr_scale: float = 1.0  # lr multiplier of lm_head and the final norm (lower keeps a target-initialised head)
+    schedule: str = "cosine"  # after warmup: "cosine" or "linear" to min_lr_ratio, "wsd", "constant"
+    min_lr_ratio: float = 0.1  # final lr as a share of lr
+    decay_fraction: float = 0.2  # "wsd": the share of the steps spent decaying at the end
+    budget_minutes: float | None = None  # train for this long: the step count is fixed from the measured step time
+    step_decay: float = 0.8  # TTT step k's loss weighs step_decay**k
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 50

@@ -28,6 +28,7 @@ class DraftModelConfig:
     target_hidden_size: int
     aux_layer_ids: list[int] = field(default_factory=list)  # HF hidden_states index convention
     hidden_act: str = "silu"
+    tap_scales: list[float] | None = None  # per-tap input scale of fc while training; export folds it into fc
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -40,6 +41,8 @@ class DraftModelConfig:
         if len(self.aux_layer_ids) != 3:
             raise ValueError(f"EAGLE-3 taps exactly three target layers, got {self.aux_layer_ids}")
         self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
+        if self.tap_scales is not None and len(self.tap_scales) != 3:
+            raise ValueError(f"tap_scales needs one scale per tap, got {self.tap_scales}")
 
     @classmethod
     def from_target_config(

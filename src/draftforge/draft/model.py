@@ -220,6 +220,18 @@ class DecoderLayer(nn.Module):
         return self.finish(hidden, out), (k, v)
 
 
+def _per_column(scales: list[float], cfg: DraftModelConfig) -> Tensor:
+    return torch.tensor(scales, dtype=torch.float32).repeat_interleave(cfg.target_hidden_size)
+
+
+def fold_tap_scales(fc_weight: Tensor, cfg: DraftModelConfig) -> Tensor:
+    """fc's weight with the tap scales multiplied in: a plain fc over the unscaled taps, as engines
+    read it. Exact for power-of-two scales (what training measures)."""
+    if cfg.tap_scales is None:
+        return fc_weight
+    return fc_weight * _per_column(cfg.tap_scales, cfg).to(fc_weight.device, fc_weight.dtype)
+
+
 class Eagle3Draft(nn.Module):
     def __init__(self, config: DraftModelConfig) -> None:
         super().__init__()
@@ -235,6 +247,8 @@ class Eagle3Draft(nn.Module):
         t2d[: c.draft_vocab_size] = True
         self.register_buffer("t2d", t2d)
         self.rotary = Rotary(c)
+        self.register_buffer("tap_scale", None, persistent=False)  # its source of truth is config.tap_scales
+        self.set_tap_scales(c.tap_scales)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -265,11 +279,30 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
+    @torch.no_grad()
+    def head_from_target(self, head_weight: Tensor, norm_weight: Tensor) -> None:
+        """lm_head = the target's output rows of the draft vocabulary, norm = the target's final norm:
+        `logits(h)` is then the target's own output layer on h (its logit lens), so training starts
+        from the target's map of hidden states to tokens instead of a random one."""
+        rows = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
+        if head_weight.shape[1] != self.lm_head.weight.shape[1] or norm_weight.shape != self.norm.weight.shape:
+            raise ValueError(f"the target's head {tuple(head_weight.shape)} / norm {tuple(norm_weight.shape)} "
+                             f"does not fit a draft of hidden size {self.config.hidden_size}")
+        self.lm_head.weight.copy_(head_weight.index_select(0, rows.to(head_weight.device)))
+        self.norm.weight.copy_(norm_weight)
+
+    def set_tap_scales(self, scales: list[float] | None) -> None:
+        """Scale each tap's block of fc's input (None: unscaled). Equalising the taps' magnitudes
+        equalises how fast AdamW moves their fc columns; `fold_tap_scales` gives what an engine loads."""
+        self.config.tap_scales = None if scales is None else [float(x) for x in scales]
+        self.tap_scale = None if scales is None else _per_column(scales, self.config).to(self.fc.weight.device)
+
+
     # inference API -----------------------------------------------------------------------------
 
     def project(self, aux: Tensor) -> Tensor:
         """aux [..., 3*H_t] (three target taps) -> the step-0 hidden state [..., H]."""
-        return self.fc(aux)
+        return self.fc(aux if self.tap_scale is None else aux * self.tap_scale.to(aux.dtype))
 
     def step(
         self,

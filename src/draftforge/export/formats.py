@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from draftforge.draft.config import DraftModelConfig
+from draftforge.draft.model import fold_tap_scales
 from draftforge.target.base import DTYPES
 
 FORMATS = ("sglang", "vllm", "speculators")
@@ -152,6 +153,7 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
     cfg = DraftModelConfig.from_dict(state["draft_config"])
     target = state.get("identity", {}).get("target_name") or state.get("identity", {}).get("target", "TARGET")
     weights = load_file(ckpt / "model.safetensors")
+    weights["fc.weight"] = fold_tap_scales(weights["fc.weight"], cfg)  # engines read the taps unscaled
     tensors: dict[str, torch.Tensor] = {}
     for name in expected_shapes(cfg):
         tensor = weights[name]

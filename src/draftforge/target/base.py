@@ -30,6 +30,7 @@ class TargetHead:
 
     weight: torch.Tensor  # [V, H_t]
     logit_softcap: float | None = None  # Gemma-2 style tanh capping, applied per logit
+    norm_gain: torch.Tensor | None = None  # [H_t] the final norm's gain: weight @ (norm_gain * x / rms(x)) are logits
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if rows is None else self.weight[rows]

@@ -22,7 +22,7 @@ from torch import nn
 from draftforge.assets import resolve_model_path
 from draftforge.draft.config import default_aux_layers
 from draftforge.target.base import TargetHead
-from draftforge.target.hf import check_aux_layers, text_config
+from draftforge.target.hf import check_aux_layers, final_norm, norm_gain, text_config
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -88,7 +88,8 @@ def _read(path: str, keys: dict[str, str], key: str) -> torch.Tensor:
 
 
 class HeadOnlyTarget:
-    """What the trainer needs of a target when features come from a store: config, taps, head, embedding."""
+    """What the trainer needs of a target when features come from a store: config, taps, head (with
+    the final norm's gain), embedding."""
 
     def __init__(self, config, aux_layers: list[int] | None, head: TargetHead, embed_weight: torch.Tensor) -> None:
         self.config = config
@@ -124,7 +125,11 @@ class HeadOnlyTarget:
             raise KeyError(f"{path}: no lm_head among the checkpoint tensors and the embeddings are not tied")
         head_weight = embed_weight if head_key is None else _read(local, keys, head_key).to(dtype)
         softcap = getattr(text_config(config), "final_logit_softcapping", None)
-        return cls(config, aux_layers, TargetHead(weight=head_weight, logit_softcap=softcap), embed_weight)
+        norm = final_norm(skeleton)
+        norm_key = _checkpoint_key(_param_names(skeleton, norm.weight), keys) if hasattr(norm, "weight") else None
+        gain = norm_gain(norm, _read(local, keys, norm_key).float()) if norm_key else None
+        head = TargetHead(weight=head_weight, logit_softcap=softcap, norm_gain=gain)
+        return cls(config, aux_layers, head, embed_weight)
 
 
 def checkpoint_fingerprint(path: str) -> str:

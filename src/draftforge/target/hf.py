@@ -45,6 +45,11 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find the final norm of {type(model).__name__}")
 
 
+def norm_gain(norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The per-channel gain an RMS norm applies (Gemma's norms store gain - 1 as their weight)."""
+    return weight + 1 if "Gemma" in type(norm).__name__ else weight
+
+
 def check_aux_layers(aux_layers: list[int], config) -> None:
     """Refuse taps an engine cannot reproduce: out of range, or on a linear-attention layer."""
     cfg = text_config(config)
@@ -74,9 +79,11 @@ class HFTarget:
         cfg = text_config(model.config)
         self.aux_layers = list(aux_layers or default_aux_layers(cfg.num_hidden_layers))
         check_aux_layers(self.aux_layers, model.config)
+        norm = final_norm(model)
         self.head = TargetHead(
             weight=model.get_output_embeddings().weight,
             logit_softcap=getattr(cfg, "final_logit_softcapping", None),
+            norm_gain=norm_gain(norm, norm.weight.detach()) if getattr(norm, "weight", None) is not None else None,
         )
         self.embed_weight = model.get_input_embeddings().weight
         self._taps: dict[int, torch.Tensor] = {}
@@ -84,7 +91,7 @@ class HFTarget:
         layers = decoder_layers(model)
         for i in self.aux_layers:
             layers[i].register_forward_pre_hook(self._tap(i), with_kwargs=True)
-        final_norm(model).register_forward_hook(self._keep_final)
+        norm.register_forward_hook(self._keep_final)
 
     @classmethod
     def from_pretrained(

@@ -174,7 +174,7 @@ class _FusedLinearSoftCE(torch.autograd.Function):
         acc = torch.float64 if dt == torch.float64 else torch.float32
         w = weight.to(dt)
         loss = torch.zeros((), dtype=acc, device=dev)
-        correct = torch.zeros((), dtype=torch.long, device=dev)
+        hits = torch.empty(n, dtype=torch.bool, device=dev)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         if need_w:  # written by the first chunk; zeros only when there is none
@@ -206,7 +206,8 @@ class _FusedLinearSoftCE(torch.autograd.Function):
                     qe = q[:e] if low or not need_g else g_lo[j : j + e]
                     m = ze.amax(-1)
                     # top-1 agreement: the teacher's top token is a maximum of the draft logits
-                    correct += (ze.gather(1, t_argmax.index_select(0, rows)[:, None]).squeeze(1) == m).sum()
+                    torch.eq(ze.gather(1, t_argmax.index_select(0, rows)[:, None]).squeeze(1), m,
+                             out=hits[i + j : i + j + e])
                     if p_lo is not None:
                         pe.copy_(torch.index_select(t_probs, 0, rows, out=p_lo[:e]))
                     else:
@@ -237,11 +238,11 @@ class _FusedLinearSoftCE(torch.autograd.Function):
                         grad_w.copy_(gw_lo)
         # intermediates, not inputs or outputs: kept on ctx and scaled in place in backward
         ctx.grads = (grad_h, grad_w)
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
 
     @staticmethod
-    def backward(ctx, d_loss: Tensor, _d_correct: Tensor):  # type: ignore[override]
+    def backward(ctx, d_loss: Tensor, _d_hits: Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.grads
         ctx.grads = None  # a second backward through this graph is not supported
         gh = grad_h.mul_(d_loss.to(grad_h.dtype)) if grad_h is not None else None
@@ -262,7 +263,7 @@ def fused_linear_soft_ce(
 
     hidden [n, H] (already normed), weight [Dv, H], teacher_probs [N, Dv], teacher_rows [n] long
     (row of each hidden row in teacher_probs), teacher_argmax [N]. Returns (loss_sum float32
-    (float64 for a float64 model), correct long: rows whose teacher top token is a top draft
+    (float64 for a float64 model), hits bool [n]: the rows whose teacher top token is a top draft
     logit; ties, which only low precision makes likely, count as agreement). Matmuls in the
     autocast dtype when autocast is on; softmax and accumulation in float32. `chunk` rows per
     matmul (default: a [chunk, Dv] block of about 2^24 elements), `sub` rows per float32 step
@@ -279,13 +280,26 @@ def ttt_objective(out, counts: Tensor | None = None, decay: float = 0.8) -> Tens
     ranks (and accumulation micro-batches) to get the global mean per step."""
     counts = out.count if counts is None else counts
     loss_sum = out.loss_sum
-    k = torch.arange(loss_sum.shape[0], device=loss_sum.device, dtype=loss_sum.dtype)
-    w = decay**k / counts.to(loss_sum.device, loss_sum.dtype).clamp(min=1)
+    w = step_weights(len(loss_sum), decay, loss_sum) / counts.to(loss_sum.device, loss_sum.dtype).clamp(min=1)
     return (loss_sum * w).sum()
 
 
-def ttt_metrics(correct: Tensor, count: Tensor, loss_sum: Tensor | None = None) -> dict[str, float]:
-    """acc_k, loss_k (when loss sums are given) and simulated acceptance 1 + sum_k prod_{j<=k} acc_j."""
+def step_weights(steps: int, decay: float, like: Tensor) -> Tensor:
+    """decay^k for the TTT steps k = 0..steps-1 (the objective's weight of each step's mean loss)."""
+    return decay ** torch.arange(steps, device=like.device, dtype=like.dtype)
+
+
+def ttt_metrics(
+    correct: Tensor,
+    count: Tensor,
+    loss_sum: Tensor | None = None,
+    chain: Tensor | None = None,
+    chain_base: Tensor | None = None,
+) -> dict[str, float]:
+    """acc_k, loss_k (when loss sums are given), simulated acceptance 1 + sum_k prod_{j<=k} acc_j,
+    and with chain counts the conditional accuracy cacc_k (step k right given steps < k right at
+    the same index) and the conditional simulated acceptance 1 + sum_k prod_{j<=k} cacc_j: what a
+    chain draft's acceptance is made of, where sim_tau multiplies marginal accuracies."""
     correct, count = correct.detach().double().cpu(), count.detach().double().cpu()
     acc = correct / count.clamp(min=1)
     m: dict[str, float] = {f"acc_{k}": float(a) for k, a in enumerate(acc)}
@@ -293,4 +307,8 @@ def ttt_metrics(correct: Tensor, count: Tensor, loss_sum: Tensor | None = None) 
         loss = loss_sum.detach().double().cpu() / count.clamp(min=1)
         m.update({f"loss_{k}": float(v) for k, v in enumerate(loss)})
     m["sim_tau"] = 1.0 + float(torch.cumprod(acc, 0).sum())
+    if chain is not None and chain_base is not None:
+        cacc = chain.detach().double().cpu() / chain_base.detach().double().cpu().clamp(min=1)
+        m.update({f"cacc_{k}": float(a) for k, a in enumerate(cacc)})
+        m["cond_tau"] = 1.0 + float(torch.cumprod(cacc, 0).sum())
     return m

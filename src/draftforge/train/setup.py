@@ -21,7 +21,7 @@ from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import DTYPES, TargetHead
 from draftforge.target.hf import HFTarget
 from draftforge.train.distributed import Dist, in_turn, init_distributed, local
-from draftforge.train.trainer import Batch, Trainer
+from draftforge.train.trainer import Batch, Trainer, collate
 
 
 class DatasetView:
@@ -91,9 +91,20 @@ def load_target(config: RunConfig, dtype: torch.dtype, ctx: Dist) -> HFTarget:
         distributed_config=DistributedConfig(tp_plan="auto"),
     )
     target = HFTarget(model, config.target.aux_layers)
-    target.head = TargetHead(local(target.head.weight.detach()), target.head.logit_softcap)
+    gain = target.head.norm_gain
+    target.head = TargetHead(local(target.head.weight.detach()), target.head.logit_softcap,
+                             None if gain is None else local(gain))
     target.embed_weight = local(target.embed_weight.detach())
     return target
+
+
+def tap_scales(aux: torch.Tensor, attention_mask: torch.Tensor, ctx: Dist) -> list[float]:
+    """Per-tap scales bringing each tap's RMS over the batch's tokens (all ranks') near 1. They are
+    powers of two, so fc(aux * scale) and the exported fc with the scales folded in agree exactly."""
+    taps = aux[attention_mask.bool().to(aux.device)].float().view(-1, 3, aux.shape[-1] // 3)
+    sums = ctx.sum(torch.cat([taps.pow(2).sum((0, 2)).double(), taps.new_tensor([taps[:, 0].numel()]).double()]))
+    rms = (sums[:3] / sums[3].clamp(min=1)).sqrt().cpu()
+    return [2.0 ** -round(float(r.clamp(min=1e-12).log2())) for r in rms]
 
 
 def build_training(config: RunConfig) -> Trainer:
@@ -143,6 +154,10 @@ def build_training(config: RunConfig) -> Trainer:
         say(f"draft vocabulary: {draft_cfg.draft_vocab_size:,} tokens cover {vocab.coverage:.1%} "
             f"of supervised target tokens")
         draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+        if config.draft.head_from_target:
+            if target.head.norm_gain is None:
+                raise SystemExit(f"{config.target.path}: no final norm weight found; set draft.head_from_target=false")
+            draft.head_from_target(target.head.weight.float(), target.head.norm_gain.float())
     draft.to(ctx.device)
     say(f"data: {len(train_set):,} train / {len(eval_set):,} eval samples, "
         f"{int(train_set.lengths.sum()):,} train tokens" + (f", {ctx.world} ranks" if ctx.world > 1 else ""))
@@ -154,6 +169,10 @@ def build_training(config: RunConfig) -> Trainer:
         "aux_layers": target.aux_layers,
     }
     trainer = Trainer(config, draft, target.head, features, train_set, eval_set, identity, ctx)
+    if config.draft.normalize_taps and not config.draft.init_from:  # a resume restores the run's own scales
+        batch = collate(train_set, trainer.upcoming(1)[0])
+        draft.set_tap_scales(tap_scales(features(batch).aux, batch.attention_mask, ctx))
+        say(f"aux taps scaled by {draft.config.tap_scales} (unit RMS; folded into fc on export)")
     if store is not None:
         features.follow(trainer)  # read the trainer's next batches in the background
     return trainer

@@ -36,7 +36,7 @@ from draftforge.target.base import TargetFeatures, TargetHead
 from draftforge.train.batching import token_budget_batches
 from draftforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from draftforge.train.distributed import Dist, full_params, full_state, grad_sync, load_full_state, local, parallelize
-from draftforge.train.loss import teacher_row_mask
+from draftforge.train.loss import step_weights, teacher_row_mask
 from draftforge.train.optim import build_optimizer, build_scheduler
 from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_objective
 
@@ -112,9 +112,9 @@ class TTTModel(nn.Module):
             logit_softcap=self.head.logit_softcap,
         )
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.unroll(*inputs)  # plain tensors out: FSDP2 hooks its backward onto them
-        return out.loss_sum, out.correct, out.count
+        return out.loss_sum, out.correct, out.count, out.chain, out.chain_base
 
 
 class Trainer:
@@ -153,8 +153,9 @@ class Trainer:
         self.ttt = TTTModel(draft, head, self.cfg)
         bf16 = torch.bfloat16 if self.cfg.precision == "bf16" else None
         self.model = parallelize(self.ttt, self.dist, self.cfg.fsdp, bf16)
-        self.optimizer = build_optimizer(draft.parameters(), self.cfg.lr, self.cfg.weight_decay, self.cfg.betas)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.warmup_steps, self.total_steps)
+        self.optimizer = build_optimizer(draft, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, lambda: self.total_steps)
+        self.budget_set = self.cfg.budget_minutes is None  # a time budget fixes total_steps once measured
         self.step = 0  # optimizer steps done
         self.micro = 0  # global micro-batches consumed, all ranks together (data position)
         self._asked = 0  # this rank's micro-batches of the step in progress whose features were asked for
@@ -206,12 +207,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batches = [collate(self.train_set, self._positions(n)) for n in self._numbers(self.micro)]
         targets = self.dist.sum(torch.stack([b.targets(self.cfg.ttt_steps) for b in batches]).sum(0))
-        stats = _Stats(self.cfg.ttt_steps, self.dist.device)
+        stats = _Stats(self.cfg.ttt_steps, self.cfg.step_decay, self.dist.device)
         for j, batch in enumerate(batches):
             self._asked = j + 1
             with grad_sync(self.model, last=j == len(batches) - 1):
                 out = self._forward(batch, train=True)
-                ttt_objective(out, targets).backward()  # this rank's share of the step's global mean
+                ttt_objective(out, targets, self.cfg.step_decay).backward()  # this rank's share of the global mean
             stats.add(out, batch.tokens)
         self.micro, self._asked = self.micro + self.micro_per_step, 0
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -232,7 +233,7 @@ class Trainer:
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
         self.draft.eval()
-        stats = _Stats(self.cfg.ttt_steps, self.dist.device)
+        stats = _Stats(self.cfg.ttt_steps, self.cfg.step_decay, self.dist.device)
         batches = token_budget_batches(np.asarray(self.eval_set.lengths), self.cfg.tokens_per_batch, seed=0, epoch=0)
         rank, world = self.dist.rank, self.dist.world
         mine = list(range(rank, len(batches), world))
@@ -250,6 +251,8 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "total_steps": self.total_steps,
+            "budget_set": self.budget_set,
             "micro": self.micro,
             "tokens": self.tokens,
             "world_size": self.dist.world,
@@ -302,6 +305,10 @@ class Trainer:
         self.scheduler.load_state_dict(extra["optimizer"]["scheduler"])
         set_rng_state(extra["rng"])
         self.step, self.micro, self.tokens = state["step"], state["micro"], state["tokens"]
+        if self.cfg.budget_minutes is not None and state.get("budget_set"):
+            self.total_steps, self.budget_set = state["total_steps"], True
+        if hasattr(self.draft, "set_tap_scales"):  # the scales this run started with, not re-measured ones
+            self.draft.set_tap_scales(state["draft_config"].get("tap_scales"))
         self._say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
         return True
 
@@ -337,18 +344,33 @@ class Trainer:
                     self._tb.add_scalar(key, value, record["step"])
             self._tb.flush()
 
+    def _fix_budget(self, seconds: float, steps: int) -> None:
+        """Fix total_steps so the training steps fill train.budget_minutes at the rate measured over
+        the last `steps` steps (evaluations come on top); the schedule decays to that length."""
+        left = self.cfg.budget_minutes * 60 - seconds * (self.step / steps)
+        self.total_steps = max(self.step, min(self.total_steps, self.step + int(left / (seconds / steps))))
+        self.budget_set = True
+        self._say(f"time budget {self.cfg.budget_minutes:g} min: {self.total_steps} steps "
+                  f"({seconds / steps:.2f} s/step)")
+
     def fit(self, progress: bool = True) -> dict[str, Any]:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not progress or not self.dist.main, dynamic_ncols=True)
         last: dict[str, Any] = {}
-        t0, tok0 = time.perf_counter(), self.tokens
+        t0, tok0, step0, timed = time.perf_counter(), self.tokens, self.step, 0.0
         while self.step < self.total_steps:
+            started = time.perf_counter()
             metrics = self.train_step()
+            if self.step > step0 + 1:  # the first step of a process pays one-off costs
+                timed += time.perf_counter() - started
+            if not self.budget_set and self.step == step0 + 1 + max(3, min(20, self.cfg.warmup_steps)):
+                self._fix_budget(self.dist.from_main(timed), self.step - step0 - 1)
+                bar.total = self.total_steps
             rate = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
             last = {"step": self.step, "tokens": self.tokens, "tok_per_s": rate, **metrics}
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc0=f"{metrics['acc_0']:.3f}",
-                            tau=f"{metrics['sim_tau']:.2f}", tok_s=f"{rate:.0f}")
+                            tau=f"{metrics['cond_tau']:.2f}", tok_s=f"{rate:.0f}")
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 self._log(last)
             if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
@@ -365,25 +387,26 @@ class Trainer:
 class _Stats:
     """Token-weighted sums over micro-batches and ranks: the metrics of a step are those of its tokens."""
 
-    def __init__(self, steps: int, device: torch.device) -> None:
-        self.sums = torch.zeros(3, steps, dtype=torch.float64, device=device)  # loss sum, correct, count per step
-        self.tokens = 0
+    FIELDS = ("loss_sum", "correct", "count", "chain", "chain_base")  # TTTOutput's per-step sums
+
+    def __init__(self, steps: int, decay: float, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self.FIELDS), steps, dtype=torch.float64, device=device)
+        self.decay, self.tokens = decay, 0
 
     def add(self, out: TTTOutput, tokens: int) -> None:
-        self.sums += torch.stack([out.loss_sum.detach().double(), out.correct.double(), out.count.double()])
+        self.sums += torch.stack([getattr(out, f).detach().double() for f in self.FIELDS])
         self.tokens += tokens
 
     def reduce(self, dist: Dist) -> _Stats:
         """In place, the sums over all ranks: exact for counts (integers far below 2^53), float64 for losses."""
         flat = dist.sum(torch.cat([self.sums.flatten(), self.sums.new_tensor([self.tokens])])).cpu()
-        self.sums, self.tokens = flat[:-1].view(3, -1), int(flat[-1])
+        self.sums, self.tokens = flat[:-1].view(len(self.FIELDS), -1), int(flat[-1])
         return self
 
     def metrics(self) -> dict[str, Any]:
-        loss_sum, correct, count = self.sums
-        m = ttt_metrics(correct, count, loss_sum)
-        weights = torch.tensor([0.8**k for k in range(len(count))], dtype=torch.float64)
-        loss = float((weights * loss_sum / count.clamp(min=1)).sum())
+        loss_sum, correct, count, chain, chain_base = self.sums
+        m = ttt_metrics(correct, count, loss_sum, chain, chain_base)
+        loss = float((step_weights(len(count), self.decay, loss_sum) * loss_sum / count.clamp(min=1)).sum())
         return {"loss": loss, **m, "supervised": int(count[0])}
 
 

@@ -36,9 +36,11 @@ class TTTOutput:
     loss_sum: Tensor  # [K] float32, differentiable: sum of soft-CE over supervised rows per step
     correct: Tensor  # [K] long: rows whose teacher top token is a top draft logit (top-1 agreement)
     count: Tensor  # [K] long: supervised rows per step
+    chain: Tensor  # [K] long: rows right at every step 0..k (what a k+1-token draft gets accepted)
+    chain_base: Tensor  # [K] long: rows right at steps 0..k-1 and supervised at step k
 
     def metrics(self) -> dict[str, float]:
-        return ttt_metrics(self.correct, self.count, self.loss_sum)
+        return ttt_metrics(self.correct, self.count, self.loss_sum, self.chain, self.chain_base)
 
 
 def ttt_forward(
@@ -85,7 +87,8 @@ def ttt_forward(
     h = draft.project(aux)
     ks: list[Tensor] = []
     vs: list[Tensor] = []
-    losses, corrects, counts = [], [], []
+    losses, corrects, counts, chain, chain_base = [], [], [], [], []
+    alive = torch.ones(B * L, dtype=torch.bool, device=dev)  # indices whose draft is right so far
     for k in range(steps):
         ep = e_part[:, 1 + k : 1 + k + L]
         cos, sin = cos_all[None, k : k + L], sin_all[None, k : k + L]
@@ -109,15 +112,22 @@ def ttt_forward(
         t_idx = torch.nonzero(sup.flatten()).flatten()
         u_idx = t_idx + 1 + k
         rows = out.flatten(0, 1).index_select(0, t_idx)
-        loss, correct = fused_linear_soft_ce(
+        loss, hits = fused_linear_soft_ce(
             draft.norm(rows), draft.lm_head.weight, teacher.probs, row_of[u_idx], teacher.argmax, loss_chunk
         )
         losses.append(loss)
-        corrects.append(correct)
+        corrects.append(hits.sum())
         counts.append(t_idx.numel())
+        right = torch.zeros(B * L, dtype=torch.bool, device=dev)
+        right[t_idx] = hits
+        chain_base.append((alive & sup.flatten()).sum())
+        alive &= right
+        chain.append(alive.sum())
         h = out
     return TTTOutput(
         loss_sum=torch.stack(losses),
         correct=torch.stack(corrects),
         count=torch.tensor(counts, dtype=torch.long, device=dev),
+        chain=torch.stack(chain),
+        chain_base=torch.stack(chain_base),
     )
