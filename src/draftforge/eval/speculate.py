@@ -48,6 +48,7 @@ from transformers import DynamicCache
 
 from draftforge.draft.config import DraftModelConfig, target_rope
 from draftforge.draft.model import Eagle3Draft
+from draftforge.eval.ngram import NGRAM, LookupStats
 from draftforge.export.formats import aux_layer_ids_of
 from draftforge.target.base import DTYPES
 from draftforge.target.hf import decoder_layers, text_config
@@ -658,9 +659,12 @@ def evaluate_suite(
     progress: bool = True,
     desc: str = "",
     baseline: bool = True,
+    ngram: tuple[int, int] = NGRAM,
 ) -> dict[str, Any]:
     """Plain and speculative decoding of every turn, interleaved prompt by prompt in this process
     (so both see the same machine load); `baseline=False` skips plain decoding (no speedup then).
+    At temperature 0 the result also holds n-gram prompt lookup's τ on the same prompts (`ngram` =
+    its min and max n, drafting as many tokens as the draft's steps): the free baseline to beat.
 
     Multi-turn conversations ask turn i after the model's own (speculative) answers to turns < i.
     """
@@ -672,6 +676,7 @@ def evaluate_suite(
     eos = eos_ids(tokenizer, model)
     gen = torch.Generator(device=decoder.target.device).manual_seed(seed)
     stats = SpecStats(steps=spec.steps)
+    lookup = LookupStats(spec.steps, *ngram) if temperature <= 0 else None
     plain_s = spec_s = 0.0
     plain_tok = spec_tok = prompts_done = matches = 0
     latencies: list[float] = []
@@ -695,8 +700,10 @@ def evaluate_suite(
                 matches += sum(a == b for a, b in zip(plain, out.tokens, strict=True))
             latencies.append(t2 - t1)
             stats.merge(out.stats)
-            for i, toks in zip(idx, out.tokens, strict=True):
+            for i, prompt, toks in zip(idx, prompts, out.tokens, strict=True):
                 answers[i].append(tokenizer.decode(toks, skip_special_tokens=True))
+                if lookup is not None:
+                    lookup.add(prompt, toks)
             prompts_done += len(idx)
             bar.update(len(idx))
             post = {"tau": f"{stats.tau:.2f}"}
@@ -724,6 +731,7 @@ def evaluate_suite(
         "speedup": spec_tps / max(plain_tps, 1e-9) if plain_tps else None,
         "time_split": {"draft_s": stats.draft_s, "verify_s": stats.verify_s, "commit_s": stats.commit_s},
         "greedy_match": matches / max(1, prompts_done) if temperature <= 0 and baseline else None,
+        "ngram": lookup.summary() if lookup is not None else None,
     }
 
 
@@ -744,6 +752,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="eval_results.json", help="JSON results; the chart goes next to it (.png)")
     parser.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speedup, half the time)")
+    parser.add_argument("--ngram", default=",".join(map(str, NGRAM)), metavar="MIN,MAX",
+                        help="n-gram sizes of the prompt-lookup baseline reported beside τ (vLLM's "
+                             "prompt_lookup_min / max); computed from the greedy tokens, temperature 0 only")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -767,6 +778,9 @@ def run(args: argparse.Namespace) -> int:
     draft = load_draft_dir(args.draft, model, dtype)
     decoder = SpeculativeDecoder(model, draft)
     configs = [SpecConfig.parse(c) for c in args.configs]
+    ngram = tuple(int(n) for n in args.ngram.split(","))
+    if len(ngram) != 2 or not 1 <= ngram[0] <= ngram[1]:
+        raise SystemExit(f"--ngram {args.ngram}: expected MIN,MAX with 1 <= MIN <= MAX")
     warm = tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
     decoder.generate([warm], SpecConfig(1, 2, 1, 3), 4)  # first-call overheads out of the timings
     plain_generate(model, [warm], 4)
@@ -778,6 +792,7 @@ def run(args: argparse.Namespace) -> int:
             results[suite.name][spec.key] = evaluate_suite(
                 decoder, tokenizer, suite.conversations, spec, args.max_new_tokens, args.temperature, args.seed,
                 progress=not args.no_progress, desc=f"{suite.name} {spec.key}", baseline=not args.no_baseline,
+                ngram=ngram,
             )  # fmt: skip
     meta = {
         "target": str(args.target),

@@ -1,0 +1,66 @@
+"""The free baseline every draft must beat: n-gram prompt lookup (vLLM's `method: "ngram"`).
+
+At temperature 0 a speculative decoder emits exactly the greedy tokens, so the acceptance prompt
+lookup would get on the same prompts follows from those tokens alone, without running it: propose
+the tokens that followed the earliest earlier occurrence of the longest suffix n-gram (n in
+[min_n, max_n]), accept the prefix that equals what greedy decoding produced, advance past it and
+the bonus token. Cycles without a proposal do not count, as in vLLM's counters (τ = 1 +
+accepted / drafts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+NGRAM = (2, 5)  # default (min_n, max_n) of the baseline: vLLM's prompt_lookup_min / prompt_lookup_max
+
+
+def propose(context: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens after the earliest earlier match of the context's longest suffix n-gram."""
+    context = list(context)
+    size = len(context)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        suffix = context[size - n :]
+        for i in range(size - n):  # occurrences ending before the last token (the suffix itself excluded)
+            if context[i] == suffix[0] and context[i : i + n] == suffix:
+                return context[i + n : i + n + k]
+    return []
+
+
+@dataclass
+class LookupStats:
+    """vLLM-style counters of prompt lookup: drafts proposed, and tokens accepted per draft position."""
+
+    k: int
+    min_n: int
+    max_n: int
+    drafts: int = 0
+    accepted: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.accepted = self.accepted or [0] * self.k
+
+    def add(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        """Replay one greedy answer: the first token comes from prefill, then draft-and-verify cycles."""
+        tokens, pos = list(prompt) + list(output), len(prompt) + 1
+        while pos < len(tokens):
+            draft = propose(tokens[:pos], self.k, self.min_n, self.max_n)
+            hit = 0
+            while hit < len(draft) and pos + hit < len(tokens) and draft[hit] == tokens[pos + hit]:
+                hit += 1
+            if draft:
+                self.drafts += 1
+                for i in range(hit):
+                    self.accepted[i] += 1
+            pos += hit + 1
+
+    @property
+    def tau(self) -> float:
+        return 1.0 + sum(self.accepted) / max(1, self.drafts)
+
+    def summary(self) -> dict[str, object]:
+        """τ and α_k (token k accepted given tokens < k accepted) for a results JSON."""
+        alpha = [a / p if p else None for a, p in zip(self.accepted, [self.drafts, *self.accepted[:-1]], strict=True)]
+        return {"accept_length": self.tau, "acceptance": alpha, "drafts": self.drafts, "k": self.k,
+                "min_n": self.min_n, "max_n": self.max_n}
