@@ -22,15 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from draftforge.eval.vllm_server import (
-    VLLMEnvError,
-    VLLMServer,
-    ensure_vllm_venv,
-    parse_spec_metrics,
-    read_spec_metrics,
-    spec_acceptance,
-    spec_delta,
-)
+from draftforge.serving.engines import VLLMServer
+from draftforge.serving.metrics import parse_spec_metrics, read_spec_metrics, spec_acceptance, spec_delta
+from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -319,7 +313,7 @@ def test_command_is_exact(monkeypatch, tmp_path):
     lib.touch()
     (venv / "draftforge-vllm.env").write_text(f"LD_PRELOAD={lib}:/nonexistent/libtcmalloc.so.4\nbuilt_seconds=1\n")
     monkeypatch.setenv("DRAFTFORGE_VLLM_VENV", str(venv))
-    monkeypatch.setattr("draftforge.eval.vllm_server.ENV_SCRIPT", tmp_path / "absent.sh")
+    monkeypatch.setattr("draftforge.serving.vllm_env.ENV_SCRIPT", tmp_path / "absent.sh")
     server = VLLMServer(tmp_path / "target", tmp_path / "draft", num_speculative_tokens=5, port=8123,
                         enforce_eager=True)
     cmd = server.command

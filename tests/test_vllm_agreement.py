@@ -35,12 +35,8 @@ from pathlib import Path
 import pytest
 
 from draftforge.demo import REGENERATED
-from draftforge.eval.vllm_server import (
-    VLLMServer,
-    read_spec_metrics,
-    spec_acceptance,
-    spec_delta,
-)
+from draftforge.serving.engines import VLLMServer
+from draftforge.serving.metrics import read_spec_metrics, spec_acceptance, spec_delta
 from tests import test_vllm
 from tests.test_vllm import BAD_WEIGHT_LOG
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from draftforge.data.regenerate import TransientError, api_url, discover_model, error_message, http_request
 from draftforge.eval.suites import Conversation, load_suite
-from draftforge.eval.vllm_server import read_spec_metrics, spec_acceptance, spec_delta
+from draftforge.serving.http import TransientError, api_url, discover_model, error_message, http_request
+from draftforge.serving.metrics import read_spec_metrics, spec_acceptance, spec_delta
 
 
 class BenchError(RuntimeError):
@@ -221,7 +221,7 @@ def launch_and_bench(args: argparse.Namespace, suites: Sequence[Any]) -> tuple[d
     """Start the engine for each config in turn and benchmark it; (results, meta)."""
     from draftforge.assets import resolve_model_path
     from draftforge.eval.speculate import SpecConfig
-    from draftforge.serve import detect_engine, make_server
+    from draftforge.serving.engines import detect_engine, make_server
 
     engine = detect_engine() if args.engine == "auto" else args.engine
     configs = [SpecConfig.parse(c) for c in args.configs]
