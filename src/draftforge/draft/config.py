@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from draftforge.target.taps import default_aux_layers
+
 
 @dataclass
 class DraftModelConfig:
@@ -88,11 +90,6 @@ class DraftModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> DraftModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def default_aux_layers(num_layers: int) -> list[int]:
-    """Low / mid / high taps, HF hidden_states indices (Llama-3.1-8B: 2, 16, 29)."""
-    return [2, num_layers // 2, num_layers - 3]
 
 
 def target_rope(text_config: Any) -> tuple[float, dict | None]:
