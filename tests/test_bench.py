@@ -18,7 +18,7 @@ import pytest
 from draftforge.cli import main
 from draftforge.eval import report
 from draftforge.eval.bench import conditional_acceptance
-from draftforge.serve import make_server
+from draftforge.serving.engines import make_server
 from tests.test_regenerate import ThreadServer, read_request, respond
 
 ENTRY_KEYS = {"batch", "steps", "topk", "draft_tokens", "num_prompts", "accept_length", "acceptance", "throughput",
@@ -162,7 +162,7 @@ def test_gpu_engine_commands(tmp_path):
 @pytest.mark.vllm
 def test_bench_launch_baseline_and_chain_on_vllm(tmp_path):
     from draftforge.assets import smollm2_dir
-    from draftforge.eval.vllm_server import VLLMEnvError, ensure_vllm_venv
+    from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv
     from tests.test_vllm import make_random_eagle3_draft
 
     try:

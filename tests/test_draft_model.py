@@ -119,7 +119,7 @@ def test_rope_matches_transformers(scaling):
 
 
 def _manual_layer(m: Eagle3Draft, ids, hidden, pos):
-    """DESIGN 2.4 spelled out with separate projections and dense causal softmax."""
+    """docs/design.md §4.2 spelled out with separate projections and dense causal softmax."""
     L_ = m.midlayer
     a = L_.self_attn
     x = torch.cat([L_.input_layernorm(m.embed_tokens(ids)), L_.hidden_norm(hidden)], -1)

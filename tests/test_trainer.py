@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from draftforge.config import load_config
+from draftforge.config import ConfigError, load_config
 from draftforge.train.checkpoint import latest_checkpoint
 from tests.conftest import kill_after_checkpoint
 
@@ -69,6 +69,27 @@ def test_resume_refuses_changed_config(tmp_path, tiny_target_dir, small_conversa
                             capture_output=True, text=True)
     assert forced.returncode == 0, forced.stderr
     assert "resuming anyway" in forced.stderr
+
+
+def test_a_retired_key_neither_blocks_a_resume_nor_an_old_config(tmp_path, tiny_target_dir, small_conversations, env):
+    """`train.wandb` (read by nothing) is gone: a run that recorded it resumes, a file that sets it loads."""
+    out = tmp_path / "run"
+    args = train_args(tiny_target_dir, small_conversations, out, "train.max_steps=1")
+    subprocess.run(args, env=env, check=True, capture_output=True)
+    state_file = latest_checkpoint(out) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["train.wandb"] = False  # what a run from before the key's removal recorded
+    state_file.write_text(json.dumps(state))
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True)  # the setup check runs first
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "different setup" not in resumed.stderr and sorted(losses(out)) == [1]
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("train:\n  wandb: true\n  lr: 0.001\n")
+    config = load_config(recipe, ["train.wandb=false"])
+    assert config.train.lr == 0.001 and not hasattr(config.train, "wandb")
+    with pytest.raises(ConfigError, match="unknown key train.wandbb"):
+        load_config(None, ["train.wandbb=true"])  # a typo is still an error
 
 
 def test_resume_refuses_a_position_keyed_optimizer_state(tmp_path, tiny_target_dir, small_conversations, env):

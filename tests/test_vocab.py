@@ -1,4 +1,4 @@
-"""Draft vocabulary selection exactly as DESIGN.md 2.3 says, its file format, cache and command."""
+"""Draft vocabulary selection exactly as docs/design.md §4.1 says, its file format, cache and command."""
 
 from __future__ import annotations
 

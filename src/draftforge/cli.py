@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("draftforge.train.trainer", "train an EAGLE-3 draft (online target, or a feature store)"),
     "export": ("draftforge.export.formats", "export a checkpoint for SGLang / vLLM, or --check a draft dir"),
     "eval": ("draftforge.eval.speculate", "measure acceptance length and speedup with the built-in decoder"),
-    "serve": ("draftforge.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),
+    "serve": ("draftforge.serving.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),
     "bench": ("draftforge.eval.bench", "benchmark a served draft: throughput, latency, acceptance, speedup"),
     "bundle": ("draftforge.bundle", "the draft bundle table; --run NAME reproduces a measured row"),
     "demo": ("draftforge.demo", "run the whole pipeline on SmolLM2-135M-Instruct and packaged ShareGPT"),

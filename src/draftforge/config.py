@@ -1,12 +1,14 @@
 """One typed run config: a YAML file plus dotted overrides (`train.lr=3e-4`).
 
 Unknown keys are errors, not silently ignored: a typo in a recipe must not train with defaults.
+A retired key (RETIRED_KEYS) is dropped with a note, so older recipes and runs still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -71,7 +73,6 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int | None = None  # torch intra-op threads per process (default: this machine's cores / its ranks)
-    wandb: bool = False
     fsdp: bool = False  # under torchrun: shard draft weights, gradients and optimizer state (FSDP2), not DDP
     target_tp: bool = False  # under torchrun: the online target sharded over all ranks (tp_plan="auto"), no replicas
 
@@ -98,6 +99,13 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Keys that once existed and never changed what a run computes: ignored where an older file or run
+# record has them (`train.trainer.config_changes` skips them on resume too). Key -> why it went.
+RETIRED_KEYS: dict[str, str] = {
+    "train.wandb": "nothing ever read it; metrics go to metrics.jsonl and TensorBoard",
+}
 
 
 class ConfigError(ValueError):
@@ -136,6 +144,10 @@ def _apply(config: RunConfig, tree: dict[str, Any], origin: str) -> None:
         target = getattr(config, section)
         hints = get_type_hints(type(target))
         for key, value in values.items():
+            if f"{section}.{key}" in RETIRED_KEYS:
+                print(f"draftforge: {origin}: {section}.{key} is no longer a setting and is ignored "
+                      f"({RETIRED_KEYS[f'{section}.{key}']})", file=sys.stderr)  # fmt: skip
+                continue
             if key not in hints:
                 raise ConfigError(f"{origin}: unknown key {section}.{key}")
             setattr(target, key, _coerce(section, key, value, hints[key]))

@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from draftforge.config import ConfigError, RunConfig, _apply, load_config
-from draftforge.draft.config import DraftModelConfig, default_aux_layers
+from draftforge.draft.config import DraftModelConfig
+from draftforge.target.taps import default_aux_layers
 
 DRAFT_VOCAB = 32000  # covers nearly all assistant tokens of a 100k-250k vocabulary (EAGLE-3, SpecForge)
 MLP_RATIO = 3.5  # Llama-3's 14336 / 4096: the draft MLP when the target defines no dense width

@@ -24,230 +24,39 @@ Reliability contract:
 
 Output rows keep `prepare`'s shape (`{"id", "conversations"[, "tools"]}`) plus a `regenerated`
 record (model, sampling, per answer: finish_reason, token counts, server, and `stopped`).
-The HTTP client is a small asyncio HTTP/1.1 client on the standard library (the project needs no
-aiohttp / httpx), one connection per request.
+Requests go through `serving.pool` (rotation, retries) and `serving.http` (the HTTP client).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import random
-import ssl
 import statistics
 import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from draftforge.data.conversations import FORMATS, Reject, Row, iter_conversations
+from draftforge.serving.http import discover_model
+from draftforge.serving.pool import AllServersDown, RequestFailed, Retry, Rotation, Server, ServerPool, complete
 
-# ------------------------------------------------------------------------------------- HTTP client
-
-
-class TransientError(Exception):
-    """The request did not complete (network, timeout, 5xx, malformed answer): another try may work."""
+# ------------------------------------------------------------------------------------- one conversation
 
 
 class RowError(Exception):
-    """A row cannot be regenerated; `reason` is a short key for the errors file and the summary."""
+    """A row cannot be regenerated for a reason of its own (no user turn, an empty answer); `reason`
+    is a short key for the errors file and the summary, as RequestFailed's is."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-class AllServersDown(RuntimeError):
-    """Every server has been out of rotation for longer than give_up_after."""
-
-
-_SSL: ssl.SSLContext | None = None
-
-
-async def _exchange(method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> tuple[int, bytes]:
-    global _SSL
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    if https and _SSL is None:
-        _SSL = ssl.create_default_context()
-    reader, writer = await asyncio.open_connection(
-        parts.hostname, parts.port or (443 if https else 80), ssl=_SSL if https else None, limit=1 << 20
-    )
-    try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
-                "Accept: application/json", "User-Agent: draftforge"]  # fmt: skip
-        if body is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
-        await writer.drain()
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionError("connection closed before a response")
-        proto, _, rest = status_line.decode("latin-1").partition(" ")
-        if not proto.startswith("HTTP/"):
-            raise ValueError(f"not an HTTP response: {status_line[:60]!r}")
-        status = int(rest.split(" ", 1)[0])
-        fields: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b"\n"):
-            if not line:
-                raise ConnectionError("connection closed inside the response headers")
-            key, _, value = line.decode("latin-1").partition(":")
-            fields[key.strip().lower()] = value.strip()
-        if "chunked" in fields.get("transfer-encoding", "").lower():
-            chunks = []
-            while size := int((await reader.readline()).split(b";")[0], 16):  # ValueError when cut off
-                chunks.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            data = b"".join(chunks)
-        elif "content-length" in fields:
-            data = await reader.readexactly(int(fields["content-length"]))
-        else:
-            data = await reader.read()
-        return status, data
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def http_request(
-    method: str, url: str, body: Any = None, *, timeout: float = 600.0, headers: Mapping[str, str] | None = None
-) -> tuple[int, bytes]:
-    """(status, body bytes) of one request with a JSON body; TransientError when it did not complete."""
-    payload = None if body is None else json.dumps(body, ensure_ascii=False).encode()
-    try:
-        return await asyncio.wait_for(_exchange(method, url, payload, headers or {}), timeout)
-    except TimeoutError as e:
-        raise TransientError(f"no complete response within {timeout:g}s") from e
-    except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as e:
-        raise TransientError(f"{type(e).__name__}: {e}".rstrip(": ")) from e
-
-
-def api_url(server: str, path: str) -> str:
-    """`http://host:port` or `http://host:port/v1` + `/v1/...` path."""
-    base = server.rstrip("/")
-    return (base.removesuffix("/v1") if path.startswith("/v1/") else base) + path
-
-
-def error_message(data: bytes) -> str:
-    """The server's own error message when its body is OpenAI-style JSON, else the body's start."""
-    try:
-        obj = json.loads(data)
-        err = obj.get("error", obj) if isinstance(obj, dict) else obj
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        return str(msg)[:500]
-    except ValueError:
-        return data[:300].decode("utf-8", "replace")
-
-
-# ------------------------------------------------------------------------------------- servers
-
-
-@dataclass
-class Server:
-    url: str
-    limit: int  # concurrent requests
-    inflight: int = 0
-    failures: int = 0  # consecutive failed requests
-    down_until: float = 0.0
-    cooldown: float = 0.0
-    ok: int = 0
-    failed: int = 0
-    outages: int = 0
-
-
-@dataclass(frozen=True)
-class Rotation:
-    concurrency: int = 8  # requests in flight per server
-    max_failures: int = 3  # failed requests in a row that take a server out of rotation
-    cooldown: float = 10.0  # first out-of-rotation period; doubles while the server stays down
-    max_cooldown: float = 300.0
-    give_up_after: float = 300.0  # stop the run when no server has answered for this long
-
-
-class ServerPool:
-    """Round-robin over the servers that are in rotation and have a free slot.
-
-    A server out of rotation comes back after its cooldown as a probe (one request at a time)
-    until a request succeeds.
-    """
-
-    def __init__(self, urls: Iterable[str], rotation: Rotation = Rotation(),
-                 log: Callable[[str], None] = print) -> None:  # fmt: skip
-        self.servers = [Server(url.rstrip("/"), rotation.concurrency, cooldown=rotation.cooldown) for url in urls]
-        if not self.servers:
-            raise ValueError("no server given")
-        self.rotation = rotation
-        self.log = log
-        self.last_success = time.monotonic()
-        self._next = 0
-        self._changed = asyncio.Condition()
-
-    def _limit(self, s: Server) -> int:
-        return 1 if s.failures >= self.rotation.max_failures else s.limit
-
-    @property
-    def capacity(self) -> int:
-        return sum(s.limit for s in self.servers)
-
-    @property
-    def down(self) -> list[Server]:
-        return [s for s in self.servers if s.down_until > time.monotonic()]
-
-    async def acquire(self) -> Server:
-        async with self._changed:
-            while True:
-                now, n = time.monotonic(), len(self.servers)
-                order = [self.servers[(self._next + i) % n] for i in range(n)]
-                up = [s for s in order if s.down_until <= now]
-                for s in up:
-                    if s.inflight < self._limit(s):
-                        s.inflight += 1
-                        self._next = (self.servers.index(s) + 1) % n
-                        return s
-                wait = None
-                if not up:
-                    if now - self.last_success > self.rotation.give_up_after:
-                        raise AllServersDown(
-                            f"no server has answered for {now - self.last_success:.0f}s: "
-                            + ", ".join(s.url for s in self.servers)
-                        )
-                    wait = min(s.down_until for s in self.servers) - now + 0.01
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), wait)
-
-    async def release(self, s: Server, healthy: bool) -> None:
-        """Return the slot; `healthy` is False when the server failed to answer properly."""
-        async with self._changed:
-            s.inflight -= 1
-            now = time.monotonic()
-            if healthy:
-                if s.failures >= self.rotation.max_failures:
-                    self.log(f"regenerate: {s.url} is back in rotation")
-                s.ok, s.failures, s.cooldown = s.ok + 1, 0, self.rotation.cooldown
-                self.last_success = now
-            else:
-                s.failed += 1
-                s.failures += 1
-                if s.failures >= self.rotation.max_failures and s.down_until <= now:
-                    s.down_until, s.outages = now + s.cooldown, s.outages + 1
-                    self.log(f"regenerate: {s.url} out of rotation for {s.cooldown:.0f}s "
-                             f"after {s.failures} failed requests in a row")  # fmt: skip
-                    s.cooldown = min(2 * s.cooldown, self.rotation.max_cooldown)
-            self._changed.notify_all()
-
-
-# ------------------------------------------------------------------------------------- one conversation
 
 
 @dataclass(frozen=True)
@@ -279,50 +88,6 @@ class Sampling:
         if kwargs:
             body["chat_template_kwargs"] = kwargs
         return {**body, **extra}
-
-
-@dataclass(frozen=True)
-class Retry:
-    retries: int = 6
-    timeout: float = 600.0  # seconds per request
-    backoff: float = 1.0  # first retry waits up to this; doubles per retry
-    max_backoff: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0.0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-
-
-async def complete(pool: ServerPool, body: dict[str, Any], retry: Retry,
-                   headers: Mapping[str, str] | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
-    """(response JSON, server url) of one chat completion, with retries across the servers."""
-    last = ""
-    for attempt in range(retry.retries + 1):
-        if attempt:
-            await asyncio.sleep(retry.delay(attempt))
-        server = await pool.acquire()
-        healthy = False
-        try:
-            status, data = await http_request("POST", api_url(server.url, "/v1/chat/completions"), body,
-                                              timeout=retry.timeout, headers=headers)  # fmt: skip
-            if status == 200:
-                response = json.loads(data)
-                if not isinstance(response, dict) or not isinstance(response.get("choices"), list) \
-                        or not response["choices"]:
-                    raise ValueError(f"no choices in {data[:200]!r}")
-                healthy = True
-                return response, server.url
-            healthy = status < 500 and status != 408  # a 4xx comes from a working server
-            if status >= 500 or status in (408, 429):
-                last = f"{server.url}: HTTP {status}: {error_message(data)}"
-                continue
-            raise RowError(f"http_{status}", error_message(data))
-        except TransientError as e:
-            last = f"{server.url}: {e}"
-        except ValueError as e:  # a 200 whose body is not a chat completion
-            last = f"{server.url}: malformed response: {e}"
-        finally:
-            await pool.release(server, healthy)
-    raise RowError("retries_exhausted", f"{retry.retries + 1} attempts; last: {last}")
 
 
 def _answer(response: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -364,7 +129,7 @@ async def regenerate_row(row: dict[str, Any], pool: ServerPool, sampling: Sampli
             answer, info = _answer(response)
             if not answer["content"].strip() and "tool_calls" not in answer:
                 raise RowError("empty_answer", f"empty answer (finish_reason {info['finish_reason']})")
-        except RowError as e:
+        except (RequestFailed, RowError) as e:
             if not records or e.reason == "retries_exhausted":
                 raise
             out.pop()  # keep the answered prefix: a later turn overflowing the context is common
@@ -482,7 +247,7 @@ async def _regenerate(todo: list[Row | Reject], output: Path, pool: ServerPool, 
             else:
                 try:
                     row = await regenerate_row(item.data, pool, sampling, retry, headers)
-                except RowError as e:
+                except (RequestFailed, RowError) as e:
                     err.write(_error_entry(item, e.reason, str(e)))
                     stats.errors += 1
                 else:
@@ -510,20 +275,6 @@ async def _regenerate(todo: list[Row | Reject], output: Path, pool: ServerPool, 
         bar.close()
         out.close()
         err.close()
-
-
-async def discover_model(servers: list[str], headers: Mapping[str, str], timeout: float = 30.0) -> str:
-    """The first model id that a server lists at /v1/models."""
-    problems = []
-    for url in servers:
-        try:
-            status, data = await http_request("GET", api_url(url, "/v1/models"), timeout=timeout, headers=headers)
-            if status == 200:
-                return json.loads(data)["data"][0]["id"]
-            problems.append(f"{url}: HTTP {status}")
-        except (TransientError, ValueError, KeyError, IndexError) as e:
-            problems.append(f"{url}: {e}")
-    raise RuntimeError("no server listed a model at /v1/models (" + "; ".join(problems) + "); pass --model")
 
 
 def regenerate(

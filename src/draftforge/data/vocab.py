@@ -1,4 +1,4 @@
-"""The draft vocabulary (DESIGN.md 2.3): the target ids the draft can propose.
+"""The draft vocabulary (docs/design.md §4.1): the target ids the draft can propose.
 
 Count token ids at positions where loss_mask == 1 over the training set, keep the draft_vocab_size most
 frequent (ties go to the smaller id), pad with the smallest unseen ids when fewer were seen, sort ascending.

@@ -1,4 +1,4 @@
-"""Training-time-test attention (DESIGN 2.5).
+"""Training-time-test attention (docs/design.md §5.2).
 
 The query of step k at index t attends, in one softmax, to the step-0 keys at indices <= t
 (causal; sequences are right padded, so a valid query never sees a padded key) and to the keys

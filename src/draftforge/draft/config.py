@@ -1,4 +1,4 @@
-"""Draft model config, derived from the target's Hugging Face config (DESIGN 2.4).
+"""Draft model config, derived from the target's Hugging Face config (docs/design.md §4.2).
 
 The draft is one Llama decoder layer that must look like the target to the serving engine: same
 hidden size, heads, RoPE and context length. Everything is read off the target so a user only
@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from draftforge.target.taps import default_aux_layers
 
 
 @dataclass
@@ -88,11 +90,6 @@ class DraftModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> DraftModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def default_aux_layers(num_layers: int) -> list[int]:
-    """Low / mid / high taps, HF hidden_states indices (Llama-3.1-8B: 2, 16, 29)."""
-    return [2, num_layers // 2, num_layers - 3]
 
 
 def target_rope(text_config: Any) -> tuple[float, dict | None]:

@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft (DESIGN 2.4): frozen target embedding, fc over the three aux taps, one
+"""The EAGLE-3 draft (docs/design.md §4.2): frozen target embedding, fc over the three aux taps, one
 Llama decoder layer whose attention reads concat(norm(embed), norm(hidden)), norm, lm_head over
 the draft vocabulary. Parameter and buffer names are exactly what SGLang / vLLM load.
 
@@ -269,7 +269,7 @@ class Eagle3Draft(nn.Module):
 
     @torch.no_grad()
     def set_vocab_mapping(self, d2t: Tensor, t2d: Tensor) -> None:
-        """Install the draft vocabulary (DESIGN 2.3) after checking d2t and t2d agree."""
+        """Install the draft vocabulary (docs/design.md §4.1) after checking d2t and t2d agree."""
         d2t, t2d = d2t.to(torch.long).cpu(), t2d.to(torch.bool).cpu()
         ids = torch.nonzero(t2d).flatten()
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:

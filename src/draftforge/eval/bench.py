@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from draftforge.data.regenerate import TransientError, api_url, discover_model, error_message, http_request
 from draftforge.eval.suites import Conversation, load_suite
-from draftforge.eval.vllm_server import read_spec_metrics, spec_delta
+from draftforge.serving.http import TransientError, api_url, discover_model, error_message, http_request
+from draftforge.serving.metrics import read_spec_metrics, spec_acceptance, spec_delta
 
 
 class BenchError(RuntimeError):
@@ -153,10 +153,9 @@ def result_entry(answers: Sequence[Answer], wall: float, batch: int, counters: d
     }
     verify = sum(int(a.meta.get("spec_verify_ct") or 0) for a in answers)
     if counters is not None and counters["drafts"] > 0:
-        rates = [a / counters["drafts"] for a in counters["accepted_per_pos"]]
-        entry.update(accept_length=1.0 + counters["accepted_tokens"] / counters["drafts"],
-                     position_acceptance=rates, acceptance=conditional_acceptance(rates), cycles=counters["drafts"],
-                     spec_counters=counters)  # fmt: skip
+        tau, rates = spec_acceptance(counters)
+        entry.update(accept_length=tau, position_acceptance=rates, acceptance=conditional_acceptance(rates),
+                     cycles=counters["drafts"], spec_counters=counters)  # fmt: skip
         spec = spec or (len(rates), 1, len(rates) + 1)
     elif verify > 0:  # SGLang: tokens per verify step, bonus token included
         entry.update(accept_length=sum(int(a.meta.get("completion_tokens") or a.tokens) for a in answers) / verify,
@@ -222,7 +221,7 @@ def launch_and_bench(args: argparse.Namespace, suites: Sequence[Any]) -> tuple[d
     """Start the engine for each config in turn and benchmark it; (results, meta)."""
     from draftforge.assets import resolve_model_path
     from draftforge.eval.speculate import SpecConfig
-    from draftforge.serve import detect_engine, make_server
+    from draftforge.serving.engines import detect_engine, make_server
 
     engine = detect_engine() if args.engine == "auto" else args.engine
     configs = [SpecConfig.parse(c) for c in args.configs]

@@ -10,13 +10,12 @@ Suite names on the command line:
 - `jsonl:PATH`: rows `{"prompt": str}`, or conversations (`conversations` in the normalised
   role/content form or ShareGPT's from/value, or OpenAI `messages`): the user turns are kept.
 - `heldout:PATH[@FRACTION]`: the rows of a normalised training JSONL (`draftforge prepare` output)
-  that the trainer held out for its eval split (`is_heldout`: the same hash of the row id as
-  `train.setup.split_eval`, default fraction 0.02 = `data.eval_fraction`), so they were never trained on.
+  that the trainer held out for its eval split (`data.split.is_heldout`, the hash the trainer's
+  split uses; default fraction 0.02 = `data.eval_fraction`), so they were never trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from draftforge import assets
+from draftforge.data.split import is_heldout
 
 USER_ROLES = {"user", "human"}
-ASSISTANT_ROLES = {"assistant", "gpt", "chatgpt", "bing", "bard"}
 
 
 @dataclass
@@ -107,11 +106,6 @@ def jsonl(path: str | Path, limit: int | None = None, name: str | None = None) -
         if limit is not None and len(convs) >= limit:
             break
     return Suite(name or path.stem, convs)
-
-
-def is_heldout(row_id: str, fraction: float = 0.02) -> bool:
-    """The trainer's eval split (`train.setup.split_eval`, same formula): sha1(id)'s first 8 hex digits."""
-    return int(hashlib.sha1(str(row_id).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def heldout(path: str | Path, fraction: float = 0.02, limit: int | None = None) -> Suite:

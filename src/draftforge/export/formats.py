@@ -1,6 +1,6 @@
 """Export a trained draft in the layouts SGLang and vLLM load unchanged, and check any draft dir.
 
-`sglang` and `vllm` share one directory layout (DESIGN 2.6): Llama-style config with
+`sglang` and `vllm` share one directory layout (docs/design.md §6): Llama-style config with
 `LlamaForCausalLMEagle3`, aux taps written in both conventions (SGLang's `eagle_config` counts
 "output of layer i" = HF index - 1; vLLM's top-level field uses the HF index), and the draft's
 weights under `midlayer.*` without the embedding. `speculators` is vLLM's native format with

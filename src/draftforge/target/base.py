@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -39,10 +38,3 @@ class TargetHead:
             out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
         return out
 
-
-class TargetModel(Protocol):
-    aux_layers: list[int]
-    head: TargetHead
-    embed_weight: torch.Tensor
-
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TargetFeatures: ...

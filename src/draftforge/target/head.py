@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from draftforge.assets import resolve_model_path
-from draftforge.draft.config import default_aux_layers
 from draftforge.target.base import TargetHead
 from draftforge.target.hf import check_aux_layers, final_norm, norm_gain, text_config
+from draftforge.target.taps import default_aux_layers
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

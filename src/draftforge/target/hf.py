@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from draftforge.assets import resolve_model_path
-from draftforge.draft.config import default_aux_layers
 from draftforge.target.base import TargetFeatures, TargetHead
+from draftforge.target.taps import default_aux_layers
 
 
 def text_config(config):

@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun, one code path: NCCL on GPUs, gloo on CPU (DESIGN 2.5).
+"""Data-parallel training under torchrun, one code path: NCCL on GPUs, gloo on CPU
+(docs/design.md §5.3, docs/scale-out.md).
 
 Every rank trains the same draft on its own micro-batches. The objective is already normalised by
 the global target count (trainer.py), so gradients are *summed* across ranks, never averaged: plain

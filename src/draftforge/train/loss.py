@@ -1,5 +1,5 @@
 """TTT loss pieces that never hold full-vocabulary or [rows, draft_vocab] logits for long
-sequences (DESIGN 2.1, 2.5).
+sequences (docs/design.md §2.3, §5.3).
 
 - `teacher_targets`: the target's distribution restricted to the draft vocabulary (its logits,
   kept in the compute dtype) and whether the full-vocabulary argmax is a draft token, found by

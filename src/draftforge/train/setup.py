@@ -8,7 +8,6 @@ its device; the online target is a replica per rank, or one model sharded over a
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from draftforge.config import RunConfig
+from draftforge.data.split import split_eval
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import DTYPES, TargetHead
@@ -36,15 +36,6 @@ class DatasetView:
 
     def __getitem__(self, i: int):
         return self.dataset[int(self.indices[i])]
-
-
-def split_eval(ids: list[str], fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out samples chosen by a hash of their id: stable when the data grows or is reordered."""
-    if fraction <= 0:
-        return np.arange(len(ids)), np.arange(0)
-    bucket = np.array([int(hashlib.sha1(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for i in ids])
-    held = bucket < fraction
-    return np.nonzero(~held)[0], np.nonzero(held)[0]
 
 
 def warm_start(draft: Eagle3Draft, path: str | Path) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from draftforge.config import RunConfig, TrainConfig, load_config
+from draftforge.config import RETIRED_KEYS, RunConfig, TrainConfig, load_config
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import TargetFeatures, TargetHead
 from draftforge.train.batching import token_budget_batches
@@ -43,7 +43,7 @@ from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_object
 # Settings that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {
     "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_last", "train.wandb", "train.fsdp", "train.target_tp", "data.num_workers",
+    "train.keep_last", "train.fsdp", "train.target_tp", "data.num_workers",
 }
 
 
@@ -89,10 +89,12 @@ def flat_config(config: RunConfig) -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a run's recorded flat config and this one, beyond RESUMABLE_CHANGES; keys
+    retired since the run (RETIRED_KEYS) are not differences."""
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k))
+        if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k))
     ]
 
 

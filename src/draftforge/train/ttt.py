@@ -1,5 +1,5 @@
 """Training-time test: the K-step unroll of the draft over a batch of target features
-(DESIGN 2.2, 2.5).
+(docs/design.md §3, §5).
 
 Step k at index t sees embed(x[t+1+k]), the hidden fc(aux[t]) (k = 0) or its own step k-1
 pre-norm output at t, RoPE position t+k, and is taught the target's draft-vocabulary
