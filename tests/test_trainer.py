@@ -79,6 +79,7 @@ def test_a_retired_key_neither_blocks_a_resume_nor_an_old_config(tmp_path, tiny_
     state_file = latest_checkpoint(out) / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["config"]["train.wandb"] = False  # what a run from before the key's removal recorded
+    del state["config"]["train.schedule"], state["config"]["draft.head_from_target"]  # ... and before these existed
     state_file.write_text(json.dumps(state))
     resumed = subprocess.run(args, env=env, capture_output=True, text=True)  # the setup check runs first
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -90,6 +91,16 @@ def test_a_retired_key_neither_blocks_a_resume_nor_an_old_config(tmp_path, tiny_
     assert config.train.lr == 0.001 and not hasattr(config.train, "wandb")
     with pytest.raises(ConfigError, match="unknown key train.wandbb"):
         load_config(None, ["train.wandbb=true"])  # a typo is still an error
+
+
+def test_a_key_added_since_a_run_is_its_default_there():
+    from draftforge.train.trainer import config_changes, flat_config
+
+    new = flat_config(load_config(None, ["train.lr=0.001"]))
+    old = {k: v for k, v in new.items() if k != "train.step_decay"}
+    assert config_changes(old, new) == []
+    changed = flat_config(load_config(None, ["train.lr=0.001", "train.step_decay=0.5"]))
+    assert config_changes(old, changed) == ["train.step_decay: 0.8 -> 0.5"]
 
 
 def test_resume_refuses_a_position_keyed_optimizer_state(tmp_path, tiny_target_dir, small_conversations, env):

@@ -90,7 +90,9 @@ def flat_config(config: RunConfig) -> dict[str, Any]:
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between a run's recorded flat config and this one, beyond RESUMABLE_CHANGES; keys
-    retired since the run (RETIRED_KEYS) are not differences."""
+    retired since the run (RETIRED_KEYS) are not differences, and a key added since is read as its
+    default there (a new setting's default keeps what older runs computed)."""
+    old = {**flat_config(RunConfig()), **old}
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
