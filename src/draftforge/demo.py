@@ -106,5 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported       {exported['sglang']} (SGLang/vLLM), {exported['speculators']} (speculators)")
     for name, m in measured.items():
         print(f"MT-bench {name:<6} τ = {m['tau']:.2f}  speedup {m['speedup']:.2f}x (built-in decoder, this CPU)")
+    if "ngram_tau" in measured["chain"]:
+        print(f"n-gram lookup  τ = {measured['chain']['ngram_tau']:.2f} on the same prompts (the free baseline)")
     print(f"summary        {out / 'summary.json'}  ({summary['minutes']} min)")
     return 0
