@@ -280,3 +280,36 @@ def test_acceptance_length_agrees_with_builtin(trained_draft, builtin_run, plain
     assert tau_ours > MIN_TAU, f"the trained draft accepts too little for a meaningful comparison (tau {tau_ours:.3f})"
     assert len(pos_vllm) == STEPS and 0 < delta["draft_tokens"] <= STEPS * delta["drafts"]
     assert abs(tau_vllm - tau_ours) <= TOLERANCE * tau_ours, (tau_vllm, tau_ours)
+
+
+# ----------------------------------------------------------------------------- the n-gram baseline
+
+
+@pytest.fixture(scope="module")
+def ngram_run(plain_run, target_dir, prompts) -> dict:
+    """vLLM's own prompt lookup (method "ngram") drafting 3 tokens, on the same prompts."""
+    from draftforge.eval.ngram import NGRAM
+
+    spec = {"method": "ngram", "num_speculative_tokens": STEPS, "prompt_lookup_min": NGRAM[0],
+            "prompt_lookup_max": NGRAM[1]}
+    with VLLMServer(target_dir, enforce_eager=True, kv_cache_gib=2, log_path=plain_run["root"] / "ngram.log",
+                    extra_args=[*SERVER_ARGS, "--speculative-config", json.dumps(spec)]) as server:
+        return serve_prompts(server, prompts)
+
+
+def test_ngram_tau_replayed_from_greedy_tokens_is_vllms(plain_run, ngram_run, prompts, capsys):
+    """`draftforge eval` reports prompt lookup's τ without running it, from the greedy tokens; vLLM's
+    counters running the real thing on the same prompts give the same figure."""
+    from draftforge.eval.ngram import NGRAM, LookupStats
+
+    assert ngram_run["token_ids"] == plain_run["token_ids"]  # lossless, so the replay sees vLLM's tokens
+    replay = LookupStats(STEPS, *NGRAM)
+    for prompt, output in zip(prompts, plain_run["token_ids"], strict=True):
+        replay.add(prompt, output)
+    delta = spec_delta(ngram_run["before"], ngram_run["after"])
+    tau_vllm, _ = spec_acceptance(delta)
+    with capsys.disabled():
+        print(f"\nn-gram lookup (n {NGRAM[0]}..{NGRAM[1]}, {STEPS} tokens): vLLM tau {tau_vllm:.3f} over "
+              f"{delta['drafts']} drafts; replayed tau {replay.tau:.3f} over {replay.drafts} drafts")
+    assert replay.drafts > 0 and abs(delta["drafts"] - replay.drafts) <= len(prompts)  # end of answers may differ
+    assert abs(tau_vllm - replay.tau) <= 0.03 * tau_vllm, (tau_vllm, replay.tau)

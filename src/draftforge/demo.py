@@ -21,6 +21,9 @@ RECIPE = "smollm2-135m.yaml"
 REGENERATED = "data/regenerated/smollm2-135m-sharegpt.jsonl"
 
 
+SUMMARY_METRICS = ("acc_", "cacc_", "sim_tau", "cond_tau")  # the final metrics summary.json keeps (and eval_*)
+
+
 def _banner(step: int, total: int, text: str) -> None:
     print(f"\n[{step}/{total}] {text}", flush=True)
 
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         **{k: trained[k] for k in ("checkpoint", "tokens_trained", "steps", "tau_curve")},
         "data": args.data,
-        **{k: round(v, 4) for k, v in final.items() if k.startswith(("acc_", "eval_acc_", "sim_tau", "eval_sim"))},
+        **{k: round(v, 4) for k, v in final.items() if k.removeprefix("eval_").startswith(SUMMARY_METRICS)},
         "exported": exported,
         "eval": measured,
         "minutes": round((time.perf_counter() - t_start) / 60, 1),
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     pick = lambda key: final.get(f"eval_{key}", final.get(key, 0.0))
     accs = "  ".join(f"{pick(f'acc_{k}'):.2f}" for k in range(config.train.ttt_steps))
     print(f"acc_k (eval)   {accs}")
-    print(f"simulated τ    {pick('sim_tau'):.2f} (curve: {trained['tau_curve']})")
+    print(f"simulated τ    {pick('cond_tau'):.2f} held-out, chain-conditional (curve: {trained['tau_curve']})")
     print(f"exported       {exported['sglang']} (SGLang/vLLM), {exported['speculators']} (speculators)")
     for name, m in measured.items():
         print(f"MT-bench {name:<6} τ = {m['tau']:.2f}  speedup {m['speedup']:.2f}x (built-in decoder, this CPU)")

@@ -14,15 +14,17 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_tau_curve(metrics_path: str | Path, png: str | Path) -> Path:
-    """Simulated acceptance length (train, and eval where measured) against tokens trained."""
+    """Simulated acceptance length (train, and eval where measured) against tokens trained: the
+    chain-conditional cond_tau where logged (what acceptance is made of), else the older sim_tau."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    train = [(r["tokens"], r["sim_tau"]) for r in records if "sim_tau" in r]
-    evals = [(r["tokens"], r["eval_sim_tau"]) for r in records if "eval_sim_tau" in r]
+    key = "cond_tau" if any("cond_tau" in r for r in records) else "sim_tau"
+    train = [(r["tokens"], r[key]) for r in records if key in r]
+    evals = [(r["tokens"], r[f"eval_{key}"]) for r in records if f"eval_{key}" in r]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     if train:
         ax.plot([t for t, _ in train], [v for _, v in train], label="train (per logged step)", alpha=0.6)
@@ -30,7 +32,8 @@ def plot_tau_curve(metrics_path: str | Path, png: str | Path) -> Path:
         ax.plot([t for t, _ in evals], [v for _, v in evals], "o-", label="held-out eval")
     ax.set_xlabel("target tokens trained")
     ax.set_ylabel("simulated acceptance length τ")
-    ax.set_title("EAGLE-3 draft: simulated τ = 1 + Σ_k Π_{j≤k} acc_j")
+    ax.set_title("simulated τ = 1 + Σ_k Π_{j≤k} " + ("P(step j right | steps < j right)" if key == "cond_tau"
+                                                       else "acc_j"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
