@@ -30,6 +30,20 @@ def test_replay_counts_cycles_like_vllm():
     assert summary["acceptance"] == [0.5, 1.0, 1.0] and summary["accept_length"] == pytest.approx(2.5)
 
 
+def test_acceptance_past_the_answer_counts_with_a_longer_continuation():
+    prompt, output = [1, 2, 3, 4, 1, 2], [3, 4, 1, 2]
+    cut = LookupStats(k=3, min_n=1, max_n=2)
+    cut.add(prompt, output)  # the draft [4, 1, 2] is checked against the 3 tokens left: all right
+    longer = LookupStats(k=3, min_n=1, max_n=2)
+    longer.add(prompt, [*output, 3, 4], emitted=len(output))  # same cycles, same drafts
+    assert (cut.drafts, cut.accepted, longer.drafts, longer.accepted) == (1, [1, 1, 1], 1, [1, 1, 1])
+    short = LookupStats(k=3, min_n=1, max_n=2)
+    short.add(prompt, output[:2])  # [4, 1, 2] against [4] alone: one accepted, the rest unknown
+    ahead = LookupStats(k=3, min_n=1, max_n=2)
+    ahead.add(prompt, output, emitted=2)  # the continuation shows the engine accepting all three
+    assert short.accepted == [1, 0, 0] and ahead.accepted == [1, 1, 1]
+
+
 def test_no_draft_no_cycle():
     stats = LookupStats(k=3, min_n=2, max_n=4)
     stats.add([1, 2, 3], [4, 5, 6])

@@ -41,10 +41,14 @@ class LookupStats:
     def __post_init__(self) -> None:
         self.accepted = self.accepted or [0] * self.k
 
-    def add(self, prompt: Sequence[int], output: Sequence[int]) -> None:
-        """Replay one greedy answer: the first token comes from prefill, then draft-and-verify cycles."""
+    def add(self, prompt: Sequence[int], output: Sequence[int], emitted: int | None = None) -> None:
+        """Replay one greedy answer: the first token comes from prefill, then draft-and-verify cycles
+        until `emitted` tokens (default all of `output`). An engine verifies a last draft against the
+        target's continuation past the answer's end and counts what it accepts there: pass `output`
+        longer than `emitted` to count that too (without it, τ can come out a little lower)."""
         tokens, pos = list(prompt) + list(output), len(prompt) + 1
-        while pos < len(tokens):
+        end = len(prompt) + (len(output) if emitted is None else emitted)
+        while pos < end:
             draft = propose(tokens[:pos], self.k, self.min_n, self.max_n)
             hit = 0
             while hit < len(draft) and pos + hit < len(tokens) and draft[hit] == tokens[pos + hit]:
