@@ -70,19 +70,20 @@ def block_attention(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_blk: Tensor, v_bl
     q [B, Hq, N*T, D]; k_ctx / v_ctx [B, Hkv, S, D]; k_blk / v_blk [B, Hkv, N*T, D]; ctx_mask
     [B, N, S]; T = block. Scores against the context are [B, Hq, N*T, S]: dense per block, which
     is what the CPU budget here needs (sequences of a few thousand tokens); blocks never score each
-    other. Float32 softmax; output [B, Hq, N*T, D] in q's dtype.
+    other. Softmax in float32 at least; output [B, Hq, N*T, D] in q's dtype.
     """
     B, Hq, Q, D = q.shape
     hkv, N = k_ctx.shape[1], Q // block
     g = Hq // hkv
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B, hkv, g, Q, D)
-    s_ctx = torch.einsum("bhgqd,bhsd->bhgqs", qg, k_ctx.to(q.dtype)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s_ctx = torch.einsum("bhgqd,bhsd->bhgqs", qg, k_ctx.to(q.dtype)).to(acc) * scale
     see = ctx_mask.repeat_interleave(block, dim=1)[:, None, None]  # [B, 1, 1, Q, S]
-    s_ctx = s_ctx.float().masked_fill(~see, float("-inf"))
+    s_ctx = s_ctx.masked_fill(~see, float("-inf"))
     qb = qg.reshape(B, hkv, g, N, block, D)
     kb = k_blk.to(q.dtype).reshape(B, hkv, 1, N, block, D)
-    s_blk = (qb @ kb.transpose(-1, -2)).float().mul_(scale).reshape(B, hkv, g, Q, block)
+    s_blk = (qb @ kb.transpose(-1, -2)).to(acc).mul_(scale).reshape(B, hkv, g, Q, block)
     p = torch.softmax(torch.cat([s_ctx, s_blk], dim=-1), dim=-1).to(q.dtype)
     p_ctx, p_blk = p.split([k_ctx.shape[2], block], dim=-1)
     out = p_ctx @ v_ctx.to(q.dtype)[:, :, None]
