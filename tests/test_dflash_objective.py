@@ -4,8 +4,10 @@ plain soft cross-entropy; losses, agreements, counts and gradients must match.""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +18,10 @@ from draftforge.train.dflash_objective import (
     DFlashObjective,
     anchor_candidates,
     block_targets,
-    decay_weights,
     default_gamma,
     sample_anchors,
 )
+from draftforge.train.loss import step_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dflash_model import tiny_draft  # noqa: E402
@@ -54,11 +56,15 @@ def test_anchor_sampling():
     assert every.shape[1] == int(cand.sum(1).max()) and (every[1] == -1).sum() == every.shape[1] - cand[1].sum()
 
 
-def test_decay_weights():
-    w = decay_weights(8, default_gamma(8))
-    assert default_gamma(8) == 4.0 and default_gamma(16) == 8.0
+def test_position_weights():
+    """exp(-(j-1)/gamma) for drafted position j = 1..T-1, gamma about half the block (4 for 8)."""
+    _, draft = tiny_draft(block_size=8)
+    obj = DFlashObjective(draft, TargetHead(torch.zeros(512, 64)))
+    assert default_gamma(8) == 4.0 and default_gamma(16) == 8.0 and obj.positions == 7
+    w = step_weights(7, obj.decay, torch.zeros(1, dtype=torch.float64))
     torch.testing.assert_close(w, torch.exp(-torch.arange(7, dtype=torch.float64) / 4))
-    assert torch.equal(decay_weights(4, None), torch.ones(3, dtype=torch.float64))
+    assert DFlashObjective(draft, TargetHead(torch.zeros(512, 64)), gamma=0).decay == 1.0
+    assert math.isclose(DFlashObjective(draft, TargetHead(torch.zeros(512, 64)), gamma=2.0).decay, math.exp(-0.5))
 
 
 def dense_objective(draft, head: TargetHead, ids, attn, loss_mask, anchors, aux, final_hidden):
@@ -66,7 +72,7 @@ def dense_objective(draft, head: TargetHead, ids, attn, loss_mask, anchors, aux,
     T = draft.config.block_size
     logits_t = final_hidden @ head.weight.T  # [B, L, V], dense
     sums = [torch.zeros((), dtype=torch.float64) for _ in range(T - 1)]
-    correct, count = [0] * (T - 1), [0] * (T - 1)
+    correct, count, chain, chain_base = [0] * (T - 1), [0] * (T - 1), [0] * (T - 1), [0] * (T - 1)
     for b in range(ids.shape[0]):
         for a in anchors[b][anchors[b] >= 0].tolist():
             kv = draft.context_kv(draft.context(aux[b : b + 1, :a]), torch.arange(a)[None])
@@ -74,18 +80,23 @@ def dense_objective(draft, head: TargetHead, ids, attn, loss_mask, anchors, aux,
             out = draft.blocks(draft.block_ids(ids[b : b + 1, a : a + 1]), pos, kv,
                                torch.ones(1, 1, a, dtype=torch.bool))[0, 0]
             q = torch.log_softmax(draft.logits(out).double(), -1)
+            alive = True  # every drafted position so far right
             for j in range(1, T):
                 u = a + j - 1
-                if u + 1 >= ids.shape[1] or not (loss_mask[b, u + 1] and attn[b, u + 1]):
-                    continue
-                count[j - 1] += 1
-                full = logits_t[b, u]
-                if not draft.t2d[full.argmax()]:
-                    continue  # counted, not taught: the target's choice is not a draft token
-                p = torch.softmax(full[draft.t2d].double(), -1)
-                sums[j - 1] = sums[j - 1] - (p * q[j]).sum()
-                correct[j - 1] += int(q[j].argmax() == p.argmax())
-    return torch.stack(sums), torch.tensor(correct), torch.tensor(count)
+                taught = u + 1 < ids.shape[1] and bool(loss_mask[b, u + 1] and attn[b, u + 1])
+                chain_base[j - 1] += int(alive and taught)
+                right = False
+                if taught:
+                    count[j - 1] += 1
+                    full = logits_t[b, u]
+                    if draft.t2d[full.argmax()]:  # else counted, not taught: the target's choice is no draft token
+                        p = torch.softmax(full[draft.t2d].double(), -1)
+                        sums[j - 1] = sums[j - 1] - (p * q[j]).sum()
+                        right = bool(q[j].argmax() == p.argmax())
+                        correct[j - 1] += int(right)
+                alive = alive and right
+                chain[j - 1] += int(alive)
+    return torch.stack(sums), *(torch.tensor(x) for x in (correct, count, chain, chain_base))
 
 
 @pytest.mark.parametrize("vocab", [None, 200])
@@ -101,17 +112,19 @@ def test_objective_equals_dense_reference(vocab):
     feats = HFTarget(target, draft.config.aux_layer_ids).features(ids, attn)
     head = TargetHead(target.get_output_embeddings().weight.detach())
     obj = DFlashObjective(draft, head, num_anchors=10)
-    anchors, targets = obj.prepare(ids, attn, loss, torch.Generator().manual_seed(0))
-    loss_sum, correct, count = obj(ids, attn, loss, anchors, feats.aux, feats.final_hidden)
+    torch.manual_seed(0)
+    (anchors,), targets = obj.prepare(SimpleNamespace(loss_mask=loss, attention_mask=attn))
+    out = obj.unroll(ids, attn, loss, anchors, feats.aux, feats.final_hidden)
     ref = dense_objective(draft, head, ids, attn, loss, anchors, feats.aux, feats.final_hidden)
-    torch.testing.assert_close(loss_sum, ref[0])
-    assert torch.equal(correct, ref[1]) and torch.equal(count, ref[2]) and torch.equal(targets, count)
-    assert count.sum() > 40 and (ref[0] > 0).all()
+    torch.testing.assert_close(out.loss_sum, ref[0])
+    for got, want in zip((out.correct, out.count, out.chain, out.chain_base), ref[1:], strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(targets, out.count) and out.count.sum() > 40 and (ref[0] > 0).all()
 
     # gradients of the objective equal the dense reference's
     params = [p for p in draft.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(obj.objective(loss_sum, targets), params)
-    w = obj.weights
+    grads = torch.autograd.grad(obj.objective(out, targets), params)
+    w = step_weights(obj.positions, obj.decay, ref[0])
     dense = (w * ref[0]).sum() / (w * ref[2]).sum()
     for got, want in zip(grads, torch.autograd.grad(dense, params), strict=True):
         torch.testing.assert_close(got, want)
@@ -132,21 +145,29 @@ def test_targets_known_before_the_forward_match_every_batch():
 
 
 def test_a_few_steps_learn():
-    """Adam on one batch: the weighted loss falls and agreement rises (the objective trains the draft)."""
-    target, draft = tiny_draft(dtype=torch.float32)
+    """Adam on one batch: the weighted loss falls and agreement rises (the objective trains the draft);
+    the trained draft's agreement and chain counts (now far from zero) still equal the dense reference's."""
+    target, draft = tiny_draft()
     with torch.no_grad():  # a sharp next-token distribution, like a trained model's (conftest does the same)
         target.get_output_embeddings().weight.mul_(30.0)
     ids, attn, loss = batch(3)
     feats = HFTarget(target, draft.config.aux_layer_ids).features(ids, attn)
     obj = DFlashObjective(draft, TargetHead(target.get_output_embeddings().weight.detach()), num_anchors=16)
-    anchors, targets = obj.prepare(ids, attn, loss, torch.Generator().manual_seed(0))
+    (anchors,), targets = obj.prepare(SimpleNamespace(loss_mask=loss, attention_mask=attn), train=False)
     opt = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for _ in range(40):
-        loss_sum, correct, count = obj(ids, attn, loss, anchors, feats.aux, feats.final_hidden)
-        value = obj.objective(loss_sum, targets)
+        out = obj.unroll(ids, attn, loss, anchors, feats.aux, feats.final_hidden)
+        value = obj.objective(out, targets)
+        correct = out.correct
         first = first if first is not None else (value.item(), int(correct.sum()))
         opt.zero_grad()
         value.backward()
         opt.step()
     assert value.item() < 0.7 * first[0] and int(correct.sum()) > first[1]
+    with torch.no_grad():
+        out = obj.unroll(ids, attn, loss, anchors, feats.aux, feats.final_hidden)
+        ref = dense_objective(draft, obj.head, ids, attn, loss, anchors, feats.aux, feats.final_hidden)
+    assert out.chain[1] > 0
+    for got, want in zip((out.correct, out.count, out.chain, out.chain_base), ref[1:], strict=True):
+        assert torch.equal(got, want)

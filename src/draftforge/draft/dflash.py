@@ -160,6 +160,17 @@ class DFlashDraft(nn.Module):
         self.d2t.copy_(d2t.to(self.d2t.device))
         self.t2d.copy_(t2d.to(self.t2d.device))
 
+    @torch.no_grad()
+    def head_from_target(self, head_weight: Tensor, norm_weight: Tensor) -> None:
+        """norm = the target's final norm and an own lm_head = the target's rows of the draft vocabulary:
+        the draft's output layer starts as the target's (its logit lens) instead of a random one."""
+        if norm_weight.shape != self.norm.weight.shape:
+            raise ValueError(f"the target's final norm {tuple(norm_weight.shape)} does not fit this draft")
+        self.norm.weight.copy_(norm_weight)
+        if self.lm_head is not None:
+            rows = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
+            self.lm_head.weight.copy_(head_weight.index_select(0, rows.to(head_weight.device)))
+
     def head_weight(self) -> Tensor:
         """[Dv, H]: the own reduced-vocabulary head, or the target's."""
         if self.lm_head is not None:

@@ -17,12 +17,15 @@ resumed run restores that RNG, so it draws the same anchors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from draftforge.draft.dflash import DFlashDraft
 from draftforge.target.base import TargetHead
-from draftforge.train.loss import fused_linear_soft_ce, teacher_row_mask, teacher_targets
+from draftforge.train.loss import fused_linear_soft_ce, step_weights, teacher_row_mask, teacher_targets
+from draftforge.train.ttt import TTTOutput
 
 
 def anchor_candidates(loss_mask: Tensor, attention_mask: Tensor) -> Tensor:
@@ -68,14 +71,9 @@ def block_targets(anchors: Tensor, loss_mask: Tensor, attention_mask: Tensor, bl
     return supervised(anchors.to(rows.device), rows, block_size).sum((0, 1))
 
 
-def decay_weights(block_size: int, gamma: float | None) -> Tensor:
-    """[T-1] float64 position weights exp(-(j-1)/gamma), j = 1..T-1 (all 1 without gamma)."""
-    j = torch.arange(block_size - 1, dtype=torch.float64)
-    return torch.exp(-j / gamma) if gamma else torch.ones_like(j)
-
-
 def default_gamma(block_size: int) -> float:
-    """The DFlash reference suggests gamma 4 / 5 / 7 for blocks of 8 / 10 / 16: about half the block."""
+    """The DFlash reference suggests gamma 4 / 5 / 7 for blocks of 8 / 10 / 16: about half the block.
+    Position j >= 1 weighs exp(-(j-1)/gamma)."""
     return max(1.0, block_size / 2)
 
 
@@ -90,29 +88,37 @@ class DFlashObjective(nn.Module):
         self.draft, self.head = draft, head
         self.num_anchors, self.loss_chunk = num_anchors, loss_chunk
         self.block_size = draft.config.block_size
-        self.weights = decay_weights(self.block_size, default_gamma(self.block_size) if gamma is None else gamma)
+        gamma = default_gamma(self.block_size) if gamma is None else gamma
+        self.decay = math.exp(-1.0 / gamma) if gamma > 0 else 1.0  # position j (0-based) weighs decay**j
 
     @property
     def positions(self) -> int:
         """Metric slots: the drafted block positions."""
         return self.block_size - 1
 
-    def prepare(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(anchors [B, N], taught positions [T-1]) of a batch, before its forward."""
-        anchors = sample_anchors(loss_mask, attention_mask, self.num_anchors, generator)
-        return anchors, block_targets(anchors, loss_mask, attention_mask, self.block_size)
+    def prepare(self, batch, train: bool = True) -> tuple[list[Tensor], Tensor]:
+        """([anchors [B, N]], taught positions [T-1]) of a trainer Batch, before its forward. Training
+        draws from the torch RNG (restored on resume); evaluation always draws the same anchors."""
+        gen = None if train else torch.Generator().manual_seed(0)
+        anchors = sample_anchors(batch.loss_mask, batch.attention_mask, self.num_anchors, gen)
+        return [anchors], block_targets(anchors, batch.loss_mask, batch.attention_mask, self.block_size)
 
-    def objective(self, loss_sum: Tensor, targets: Tensor) -> Tensor:
+    def objective(self, out: TTTOutput, targets: Tensor) -> Tensor:
         """Weighted mean over the step's taught positions: sum_j w_j loss_j / sum_j w_j n_j, with n_j
-        the global (all ranks, all micro-batches) counts."""
-        w = self.weights.to(loss_sum.device, loss_sum.dtype)
+        the global (all ranks, all micro-batches) counts, as the reference normalises."""
+        loss_sum = out.loss_sum
+        w = step_weights(len(loss_sum), self.decay, loss_sum)
         return (w * loss_sum).sum() / (w * targets.to(loss_sum.device, loss_sum.dtype)).sum().clamp(min=1)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, anchors: Tensor, aux: Tensor,
-                final_hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        out = self.unroll(*inputs)  # plain tensors out: FSDP2 hooks its backward onto them
+        return out.loss_sum, out.correct, out.count, out.chain, out.chain_base
+
+    def unroll(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, anchors: Tensor, aux: Tensor,
+               final_hidden: Tensor) -> TTTOutput:
         """input_ids / masks [B, L] (right padded), anchors [B, N] (-1: none), aux [B, L, taps*H_t],
-        final_hidden [B, L, H_t] -> (loss_sum, correct, count), each [T-1]."""
+        final_hidden [B, L, H_t] -> per drafted block position j = 1..T-1: loss sum, top-1 agreements,
+        taught positions, and the chain counts (blocks right at 1..j / right at 1..j-1 and taught at j)."""
         d, T = self.draft, self.block_size
         B, L = input_ids.shape
         dev = input_ids.device
@@ -138,17 +144,21 @@ class DFlashObjective(nn.Module):
         sup = supervised(anchors, rows, T)
         u = label_index(a, T) + torch.arange(B, device=dev)[:, None, None] * L  # flat teacher index
         weight = d.head_weight()
-        losses, corrects, counts = [], [], []
+        losses, corrects, counts, chain, chain_base = [], [], [], [], []
+        alive = real.clone()  # blocks whose drafts are all right so far
         for j in range(T - 1):
             sel = sup[:, :, j]
             flat_u = u[:, :, j][sel]
-            counts.append(flat_u.numel())
             keep = taught_row[flat_u]
-            h = out[:, :, j][sel][keep]
-            loss, correct = fused_linear_soft_ce(d.norm(h), weight, teacher.probs, row_of[flat_u[keep]],
-                                                 teacher.argmax, self.loss_chunk)
+            loss, hits = fused_linear_soft_ce(d.norm(out[:, :, j][sel][keep]), weight, teacher.probs,
+                                              row_of[flat_u[keep]], teacher.argmax, self.loss_chunk)
+            right = torch.zeros_like(sel)
+            right[sel] = torch.zeros_like(keep).masked_scatter_(keep, hits)
             losses.append(loss)
-            corrects.append(correct)
-        return (torch.stack(losses), torch.stack(corrects),
-                torch.tensor(counts, dtype=torch.long, device=dev))
-
+            corrects.append(hits.sum())
+            counts.append(flat_u.numel())
+            chain_base.append((alive & sel).sum())
+            alive &= right
+            chain.append(alive.sum())
+        return TTTOutput(torch.stack(losses), torch.stack(corrects), torch.tensor(counts, dtype=torch.long, device=dev),
+                         torch.stack(chain), torch.stack(chain_base))
