@@ -38,11 +38,15 @@ class TargetConfig:
 
 @dataclass
 class DraftConfig:
+    family: str = "eagle3"  # "eagle3" (TTT chain draft) or "dflash" (block draft, docs/dflash.md)
     draft_vocab_size: int = 32000
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {intermediate_size: 4096}
     init_from: str | None = None  # warm start from an exported draft directory
     head_from_target: bool = False  # lm_head = the target's rows of the draft vocabulary, norm = its final norm
     normalize_taps: bool = False  # each aux tap scaled to unit RMS (measured on the first batch); export folds it
+    block_size: int = 8  # dflash: the anchor plus block_size - 1 drafted tokens (serve with K = block_size - 1)
+    num_layers: int = 1  # dflash: draft layers
+    mask_token_id: int | None = None  # dflash: default an unused special token of the tokenizer
 
 
 @dataclass
@@ -58,6 +62,8 @@ class TrainConfig:
     decay_fraction: float = 0.2  # "wsd": the share of the steps spent decaying at the end
     budget_minutes: float | None = None  # train for this long: the step count is fixed from the measured step time
     step_decay: float = 0.8  # TTT step k's loss weighs step_decay**k
+    num_anchors: int = 512  # dflash: blocks per sample (anchors drawn in assistant spans)
+    block_gamma: float | None = None  # dflash: block position j weighs exp(-(j-1)/gamma); default block_size / 2
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 50

@@ -775,8 +775,16 @@ def run(args: argparse.Namespace) -> int:
 
     for finding in check_draft_dir(args.draft, model.config.to_dict()):  # what an engine would object to
         print(f"{finding.level.upper():5} {args.draft}: {finding.message}")
-    draft = load_draft_dir(args.draft, model, dtype)
-    decoder = SpeculativeDecoder(model, draft)
+    from draftforge.export.dflash_export import is_dflash
+
+    if is_dflash(json.loads((Path(args.draft) / "config.json").read_text())):  # a block draft (docs/dflash.md)
+        from draftforge.eval.block_decode import BlockDecoder, load_dflash_dir
+
+        draft = load_dflash_dir(args.draft, model, dtype)
+        decoder = BlockDecoder(model, draft)
+    else:
+        draft = load_draft_dir(args.draft, model, dtype)
+        decoder = SpeculativeDecoder(model, draft)
     configs = [SpecConfig.parse(c) for c in args.configs]
     ngram = tuple(int(n) for n in args.ngram.split(","))
     if len(ngram) != 2 or not 1 <= ngram[0] <= ngram[1]:

@@ -150,9 +150,16 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    cfg = DraftModelConfig.from_dict(state["draft_config"])
     target = state.get("identity", {}).get("target_name") or state.get("identity", {}).get("target", "TARGET")
     weights = load_file(ckpt / "model.safetensors")
+    if state["draft_config"].get("family") == "dflash":  # one layout, read by vLLM and SGLang alike
+        from draftforge.draft.dflash_config import DFlashConfig
+        from draftforge.export.dflash_export import export_dflash
+
+        if fmt == "speculators":
+            raise ValueError("a DFlash draft has no speculators layout; use --format vllm (or sglang, the same)")
+        return export_dflash(DFlashConfig.from_dict(state["draft_config"]), weights, out, dtype, target)
+    cfg = DraftModelConfig.from_dict(state["draft_config"])
     weights["fc.weight"] = fold_tap_scales(weights["fc.weight"], cfg)  # engines read the taps unscaled
     tensors: dict[str, torch.Tensor] = {}
     for name in expected_shapes(cfg):
@@ -172,7 +179,8 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
 # ---- check ----------------------------------------------------------------------------------------
 @dataclass
 class Finding:
-    level: str  # "error": an engine rejects or silently misreads it; "note": worth knowing
+    level: str  # "error": an engine rejects or silently misreads it; "warning": one engine build misreads it;
+    # "note": worth knowing
     message: str
 
 
@@ -202,6 +210,10 @@ def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = Non
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return [Finding("error", f"{path}: no *.safetensors weights (engines never load pickle files here)")]
+    from draftforge.export.dflash_export import check_dflash_dir, is_dflash
+
+    if is_dflash(config):
+        return check_dflash_dir(path, config, files, target_config)
     layer, prefix = _draft_config_from_export(config)
     archs = config.get("architectures") or []
     if config.get("speculators_model_type") == "eagle3":

@@ -230,8 +230,11 @@ class VLLMServer(EngineServer):
     def speculative_config(self) -> dict | None:
         if self.draft_dir is None:
             return None
+        from draftforge.export.dflash_export import is_dflash
+
+        config = json.loads((Path(self.draft_dir) / "config.json").read_text())
         return {
-            "method": "eagle3",
+            "method": "dflash" if is_dflash(config) else "eagle3",  # a DFlash draft's K is this count too
             "model": self.draft_dir,
             "num_speculative_tokens": self.num_speculative_tokens,
         }

@@ -20,6 +20,7 @@ from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import DTYPES, TargetHead
 from draftforge.target.hf import HFTarget
+from draftforge.train.dflash_setup import build_dflash, check_family, target_taps
 from draftforge.train.distributed import Dist, in_turn, init_distributed, local
 from draftforge.train.trainer import Batch, Trainer, collate
 
@@ -64,13 +65,12 @@ def warm_start(draft: Eagle3Draft, path: str | Path) -> None:
     draft.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
-def load_target(config: RunConfig, dtype: torch.dtype, ctx: Dist) -> HFTarget:
+def load_target(config: RunConfig, dtype: torch.dtype, ctx: Dist, taps: list[int] | None) -> HFTarget:
     """The online target on this rank's device: a full replica, or this rank's tensor-parallel shard
     (transformers' tp_plan="auto") with the lm_head and embedding gathered whole (the teacher and
     the draft need all of them)."""
     if not (config.train.target_tp and ctx.world > 1):
-        target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, dtype,
-                                          config.target.trust_remote_code)
+        target = HFTarget.from_pretrained(config.target.path, taps, dtype, config.target.trust_remote_code)
         target.model.to(ctx.device)
         return target
     from transformers import AutoModelForCausalLM, DistributedConfig
@@ -81,7 +81,7 @@ def load_target(config: RunConfig, dtype: torch.dtype, ctx: Dist) -> HFTarget:
         resolve_model_path(config.target.path), dtype=dtype, trust_remote_code=config.target.trust_remote_code,
         distributed_config=DistributedConfig(tp_plan="auto"),
     )
-    target = HFTarget(model, config.target.aux_layers)
+    target = HFTarget(model, taps)
     gain = target.head.norm_gain
     target.head = TargetHead(local(target.head.weight.detach()), target.head.logit_softcap,
                              None if gain is None else local(gain))
@@ -103,6 +103,7 @@ def build_training(config: RunConfig) -> Trainer:
     from draftforge.data.tokenized import build_tokenized
     from draftforge.data.vocab import build_vocab
 
+    check_family(config)
     ctx = init_distributed()
     say = print if ctx.main else lambda *a, **k: None
     torch.set_num_threads(config.train.threads or max(1, len(os.sched_getaffinity(0)) // ctx.local_world))
@@ -112,20 +113,18 @@ def build_training(config: RunConfig) -> Trainer:
     train_idx, eval_idx = split_eval(list(dataset.ids), config.data.eval_fraction)
     train_set, eval_set = DatasetView(dataset, train_idx), DatasetView(dataset, eval_idx)
 
-    dtype, store = DTYPES[config.target.dtype], None
+    dtype, store, taps = DTYPES[config.target.dtype], None, target_taps(config)
     if config.features.store:
         from draftforge.features.store import FeatureStore, StoreFeatures, store_identity
         from draftforge.target.head import HeadOnlyTarget
 
-        target = HeadOnlyTarget.from_pretrained(
-            config.target.path, config.target.aux_layers, dtype, config.target.trust_remote_code
-        )
+        target = HeadOnlyTarget.from_pretrained(config.target.path, taps, dtype, config.target.trust_remote_code)
         target.head.weight = target.head.weight.to(ctx.device)
         store = FeatureStore(config.features.store)
         store.check(store_identity(config.target.path, dataset, target.aux_layers))
         features = StoreFeatures(store, [train_set, eval_set], dtype, config.features.prefetch)
     else:
-        target = load_target(config, dtype, ctx)
+        target = load_target(config, dtype, ctx, taps)
         if config.train.target_tp and ctx.world > 1:
             features = in_turn(target.features, ctx)  # a collective: each rank's batch through the shards
         else:
@@ -133,11 +132,14 @@ def build_training(config: RunConfig) -> Trainer:
             def features(batch: Batch):
                 return target.features(batch.input_ids.to(ctx.device), batch.attention_mask.to(ctx.device))
 
-    draft_cfg = DraftModelConfig.from_target_config(
-        target.config, config.draft.draft_vocab_size, target.aux_layers, config.draft.overrides
-    )
-    draft = Eagle3Draft(draft_cfg)
-    draft.load_target_embedding(target.embed_weight.float())
+    objective = None  # the trainer's default: EAGLE-3's TTT unroll
+    if config.draft.family == "dflash":
+        draft, objective = build_dflash(config, target, tokenizer, say)
+    else:
+        draft = Eagle3Draft(DraftModelConfig.from_target_config(
+            target.config, config.draft.draft_vocab_size, target.aux_layers, config.draft.overrides))
+        draft.load_target_embedding(target.embed_weight.float())
+    draft_cfg = draft.config
     if config.draft.init_from:
         warm_start(draft, config.draft.init_from)
     else:
@@ -159,7 +161,7 @@ def build_training(config: RunConfig) -> Trainer:
         "data": dataset.key,
         "aux_layers": target.aux_layers,
     }
-    trainer = Trainer(config, draft, target.head, features, train_set, eval_set, identity, ctx)
+    trainer = Trainer(config, draft, target.head, features, train_set, eval_set, identity, ctx, objective)
     if config.draft.normalize_taps and not config.draft.init_from:  # a resume restores the run's own scales
         batch = collate(train_set, trainer.upcoming(1)[0])
         draft.set_tap_scales(tap_scales(features(batch).aux, batch.attention_mask, ctx))

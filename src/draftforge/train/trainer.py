@@ -120,6 +120,23 @@ class TTTModel(nn.Module):
         out = self.unroll(*inputs)  # plain tensors out: FSDP2 hooks its backward onto them
         return out.loss_sum, out.correct, out.count, out.chain, out.chain_base
 
+    # What the Trainer asks of any draft family's objective (DFlash's: train/dflash_objective.py).
+    @property
+    def positions(self) -> int:
+        """Metric slots: the TTT steps."""
+        return self.cfg.ttt_steps
+
+    @property
+    def decay(self) -> float:
+        return self.cfg.step_decay
+
+    def prepare(self, batch: Batch, train: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(inputs of the forward besides the batch's tokens and features, per-slot target counts)."""
+        return [], batch.targets(self.cfg.ttt_steps)
+
+    def objective(self, out: TTTOutput, targets: torch.Tensor) -> torch.Tensor:
+        return ttt_objective(out, targets, self.cfg.step_decay)
+
 
 class Trainer:
     """Owns the draft, its optimizer and schedule, the data order, logs and checkpoints."""
@@ -134,6 +151,7 @@ class Trainer:
         eval_set=None,
         identity: dict[str, Any] | None = None,
         dist: Dist | None = None,
+        objective: nn.Module | None = None,
     ) -> None:
         self.config = config
         self.cfg = config.train
@@ -154,7 +172,7 @@ class Trainer:
         epochs = self.cfg.epochs
         self.total_steps = max(1, math.ceil(epochs * self.batches_per_epoch / self.micro_per_step) if epochs
                                else self.cfg.max_steps)
-        self.ttt = TTTModel(draft, head, self.cfg)
+        self.ttt = objective if objective is not None else TTTModel(draft, head, self.cfg)  # the family's objective
         bf16 = torch.bfloat16 if self.cfg.precision == "bf16" else None
         self.model = parallelize(self.ttt, self.dist, self.cfg.fsdp, bf16)
         self.optimizer = build_optimizer(draft, self.cfg)
@@ -198,11 +216,12 @@ class Trainer:
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, batch: Batch, train: bool) -> TTTOutput:
-        """Training goes through the (wrapped) module forward, evaluation straight to the unroll."""
+    def _forward(self, batch: Batch, extra: list[torch.Tensor], train: bool) -> TTTOutput:
+        """Training goes through the (wrapped) module forward, evaluation straight to the unroll. `extra`:
+        the objective's own inputs from `prepare` (none for TTT, the block anchors for DFlash)."""
         feats = self.features(batch)
         inputs = [t.to(self.dist.device, non_blocking=True) for t in (
-            batch.input_ids, batch.attention_mask, batch.loss_mask, feats.aux, feats.final_hidden)]
+            batch.input_ids, batch.attention_mask, batch.loss_mask, *extra, feats.aux, feats.final_hidden)]
         with self._autocast():
             return TTTOutput(*self.model(*inputs)) if train else self.ttt.unroll(*inputs)
 
@@ -210,13 +229,14 @@ class Trainer:
         self.draft.train()
         self.optimizer.zero_grad(set_to_none=True)
         batches = [collate(self.train_set, self._positions(n)) for n in self._numbers(self.micro)]
-        targets = self.dist.sum(torch.stack([b.targets(self.cfg.ttt_steps) for b in batches]).sum(0))
-        stats = _Stats(self.cfg.ttt_steps, self.cfg.step_decay, self.dist.device)
+        prepared = [self.ttt.prepare(b) for b in batches]
+        targets = self.dist.sum(torch.stack([t for _, t in prepared]).sum(0))
+        stats = _Stats(self.ttt.positions, self.ttt.decay, self.dist.device)
         for j, batch in enumerate(batches):
             self._asked = j + 1
             with grad_sync(self.model, last=j == len(batches) - 1):
-                out = self._forward(batch, train=True)
-                ttt_objective(out, targets, self.cfg.step_decay).backward()  # this rank's share of the global mean
+                out = self._forward(batch, prepared[j][0], train=True)
+                self.ttt.objective(out, targets).backward()  # this rank's share of the global mean
             stats.add(out, batch.tokens)
         self.micro, self._asked = self.micro + self.micro_per_step, 0
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -237,7 +257,7 @@ class Trainer:
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
         self.draft.eval()
-        stats = _Stats(self.cfg.ttt_steps, self.cfg.step_decay, self.dist.device)
+        stats = _Stats(self.ttt.positions, self.ttt.decay, self.dist.device)
         batches = token_budget_batches(np.asarray(self.eval_set.lengths), self.cfg.tokens_per_batch, seed=0, epoch=0)
         rank, world = self.dist.rank, self.dist.world
         mine = list(range(rank, len(batches), world))
@@ -246,7 +266,7 @@ class Trainer:
             for turn in range(turns):
                 number = mine[min(turn, len(mine) - 1)] if mine else 0
                 batch = collate(self.eval_set, batches[number])
-                out = self._forward(batch, train=False)
+                out = self._forward(batch, self.ttt.prepare(batch, train=False)[0], train=False)
                 if turn < len(mine):
                     stats.add(out, batch.tokens)
         return {f"eval_{k}": v for k, v in stats.reduce(self.dist).metrics().items()}
