@@ -358,7 +358,7 @@ def test_smollm2_greedy_equality(smollm2, tmp_path):
 def test_eval_cli_writes_json_chart_and_table(smollm2, tmp_path, capsys):
     import argparse
 
-    from draftforge.eval import speculate
+    from draftforge.eval import command
 
     model, _ = smollm2
     draft = random_draft(model, draft_vocab=4000, dtype=torch.float32)
@@ -366,12 +366,12 @@ def test_eval_cli_writes_json_chart_and_table(smollm2, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Say hi."}) + "\n" + json.dumps({"prompt": "Count to three."}) + "\n")
     parser = argparse.ArgumentParser()
-    speculate.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args([
         "--draft", str(out), "--target", "smollm2", "--suite", f"jsonl:{prompts}", "--configs", "1,2,1,3", "2,2,2,4",
         "--max-new-tokens", "6", "--out", str(tmp_path / "res.json"), "--no-progress", "--threads", "1",
     ])  # fmt: skip
-    assert speculate.run(args) == 0
+    assert command.run(args) == 0
     res = json.loads((tmp_path / "res.json").read_text())["results"]["p"]
     assert set(res) == {"1,2,1,3", "2,2,2,4"}
     for r in res.values():

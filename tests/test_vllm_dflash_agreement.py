@@ -40,15 +40,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 RECIPE = ROOT / "recipes" / "smollm2-135m-dflash.yaml"
 K = 3  # drafted tokens per block (block_size 4)
-MIN_TAU = 1.05  # a random draft gives exactly 1.0; a few CPU minutes of training lift it a little
+MIN_TAU = 1.02  # a random draft gives exactly 1.0; a few CPU minutes of training lift it a little
 
 TRAIN_OVERRIDES = [
     "data.max_rows=300",  # small enough that later epochs run on cached target features
     "data.max_length=384",
     "data.eval_fraction=0",
     "train.tokens_per_batch=2048",
-    "train.max_steps=400",
-    "train.budget_minutes=3",  # the step count is fixed from the measured step time
+    "train.max_steps=80",  # a fixed count, not a time budget: the same draft on any machine
     "train.warmup_steps=10",
     "train.lr=3e-3",
     "train.eval_every=0",

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "capture": ("draftforge.features.capture", "run the target once and write a feature store for offline training"),
     "train": ("draftforge.train.trainer", "train an EAGLE-3 or DFlash draft (online target, or a feature store)"),
     "export": ("draftforge.export.formats", "export a checkpoint for SGLang / vLLM, or --check a draft dir"),
-    "eval": ("draftforge.eval.speculate", "measure acceptance length and speedup with the built-in decoder"),
+    "eval": ("draftforge.eval.command", "measure acceptance length and speedup with the built-in decoder"),
     "serve": ("draftforge.serving.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),
     "bench": ("draftforge.eval.bench", "benchmark a served draft: throughput, latency, acceptance, speedup"),
     "bundle": ("draftforge.bundle", "the draft bundle table; --run NAME reproduces a measured row"),

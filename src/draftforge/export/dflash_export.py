@@ -23,16 +23,11 @@ from safetensors.torch import save_file
 
 from draftforge.draft.config import target_rope
 from draftforge.draft.dflash_config import DFlashConfig
-from draftforge.export.formats import Finding, _check_vocab_map
+from draftforge.export.findings import Finding, check_vocab_map
+from draftforge.layouts import DFLASH_ARCHITECTURE
 from draftforge.target.base import DTYPES
 
-ARCH = "DFlashDraftModel"
 DEFAULT_BLOCK = 16  # the reference's, for third-party configs without block_size
-
-
-def is_dflash(config: dict[str, Any]) -> bool:
-    """A DFlash draft's config.json (or one that means to be)."""
-    return ARCH in (config.get("architectures") or []) or "dflash_config" in config
 
 
 def expected_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
@@ -59,7 +54,7 @@ def expected_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
 def export_config(cfg: DFlashConfig, dtype: str) -> dict[str, Any]:
     rope = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
     return {
-        "architectures": [ARCH],
+        "architectures": [DFLASH_ARCHITECTURE],
         "model_type": "qwen3",
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -141,8 +136,9 @@ def check_dflash_dir(path: Path, config: dict[str, Any], files: list[Path],
     found: list[Finding] = []
     err = lambda m: found.append(Finding("error", m))
     note = lambda m: found.append(Finding("note", m))
-    if (config.get("architectures") or []) != [ARCH]:
-        err(f"architectures {config.get('architectures')} is not [{ARCH!r}]: vLLM picks its model class by it")
+    if (config.get("architectures") or []) != [DFLASH_ARCHITECTURE]:
+        err(f"architectures {config.get('architectures')} is not [{DFLASH_ARCHITECTURE!r}]: "
+            "vLLM picks its model class by it")
     if config.get("model_type") != "qwen3":
         err(f"model_type {config.get('model_type')!r}: vLLM parses the draft config as qwen3 (q_norm / k_norm layers)")
     if "eagle_config" in config:
@@ -192,7 +188,7 @@ def check_dflash_dir(path: Path, config: dict[str, Any], files: list[Path],
     if "d2t" in tensors and tensors["d2t"][1] not in ("I64", "I32"):
         err(f"d2t has dtype {tensors['d2t'][1]}; engines index with it as int64 offsets")
     elif {"d2t", "t2d"} <= set(tensors) and not cfg.full_vocab:
-        found += _check_vocab_map(files, cfg)  # type: ignore[arg-type]  # reads the vocabulary sizes only
+        found += check_vocab_map(files, cfg)  # type: ignore[arg-type]  # reads the vocabulary sizes only
     found += _check_k_norms(files, cfg)
     if target_config is not None:
         found += _check_against_target(cfg, config, target_config)

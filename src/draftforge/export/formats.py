@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import fold_tap_scales
+from draftforge.export.findings import Finding, check_vocab_map
+from draftforge.layouts import is_dflash
 from draftforge.target.base import DTYPES
 
 FORMATS = ("sglang", "vllm", "speculators")
@@ -177,13 +178,6 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
 
 
 # ---- check ----------------------------------------------------------------------------------------
-@dataclass
-class Finding:
-    level: str  # "error": an engine rejects or silently misreads it; "warning": one engine build misreads it;
-    # "note": worth knowing
-    message: str
-
-
 def _draft_config_from_export(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """(llama-style fields, weight prefix) of any EAGLE-3 draft config we know."""
     if config.get("speculators_model_type") == "eagle3":
@@ -210,7 +204,7 @@ def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = Non
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return [Finding("error", f"{path}: no *.safetensors weights (engines never load pickle files here)")]
-    from draftforge.export.dflash_export import check_dflash_dir, is_dflash
+    from draftforge.export.dflash_export import check_dflash_dir
 
     if is_dflash(config):
         return check_dflash_dir(path, config, files, target_config)
@@ -272,7 +266,7 @@ def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = Non
     if "t2d" in tensors and tensors["t2d"][1] != "BOOL":
         err(f"t2d has dtype {tensors['t2d'][1]}; engines expect a bool mask")
     if {"d2t", "t2d"} <= set(tensors) and not any(f.message.startswith(("d2t", "t2d")) for f in found):
-        found += _check_vocab_map(files, cfg)
+        found += check_vocab_map(files, cfg)
 
     top = config.get("eagle_aux_hidden_state_layer_ids")
     nested = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
@@ -289,22 +283,6 @@ def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = Non
     if target_config is not None:
         found += _check_against_target(layer, top, target_config)
     return found
-
-
-def _check_vocab_map(files: list[Path], cfg: DraftModelConfig) -> list[Finding]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            for name in ("d2t", "t2d"):
-                if name in fh.keys():
-                    tensors[name] = fh.get_tensor(name)
-    ids = tensors["d2t"].long() + torch.arange(cfg.draft_vocab_size)
-    problems = []
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size or (ids[1:] <= ids[:-1]).any():
-        problems.append(Finding("error", "d2t does not map to strictly increasing target ids (d2t[i] = id_i - i)"))
-    elif not torch.equal(torch.nonzero(tensors["t2d"]).flatten(), ids):
-        problems.append(Finding("error", "t2d does not mark exactly the target ids listed by d2t"))
-    return problems
 
 
 def _check_against_target(layer: dict[str, Any], top: list[int] | None, target: dict[str, Any]) -> list[Finding]:

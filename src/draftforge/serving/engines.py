@@ -230,7 +230,7 @@ class VLLMServer(EngineServer):
     def speculative_config(self) -> dict | None:
         if self.draft_dir is None:
             return None
-        from draftforge.export.dflash_export import is_dflash
+        from draftforge.layouts import is_dflash
 
         config = json.loads((Path(self.draft_dir) / "config.json").read_text())
         return {
