@@ -8,9 +8,12 @@ mask, no hooks' work) on the same batches as online training and as capture.
     python benchmarks/training_path.py --compare /work/main/src --repeats 2   # before / after, interleaved
 
 --compare runs the same measurement with another checkout's `src` on PYTHONPATH (this script uses only
-APIs main has), alternating with this checkout, so both see the same machine load; the table gives the
-best of the repeats for each and their ratio. Tokens are valid (unpadded) tokens. Writes
-benchmarks/results/training_path.json.
+APIs main has), alternating with this checkout; the table gives the best of the repeats for each and
+their ratio. On a shared machine the load moves between phases of one run, so each figure is also
+given relative to the plain forward timed next to it ("/ plain": the online figures to the forward
+on the online batches, capture and offline to the forward on the capture batches), which is the same
+code in both checkouts; compare those when the load average is not steady. Tokens are valid
+(unpadded) tokens. Writes benchmarks/results/training_path.json.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
 RESULTS = Path(__file__).parent / "results" / "training_path.json"
 MODES = ["online", "online_target", "online_draft", "plain_forward_online_batches", "capture",
          "plain_forward_capture_batches", "offline"]
+PLAIN = {"online": "plain_forward_online_batches", "online_target": "plain_forward_online_batches",
+         "online_draft": "plain_forward_online_batches", "capture": "plain_forward_capture_batches",
+         "offline": "plain_forward_capture_batches"}  # the plain forward timed next to each figure
 
 
 def overrides(rows: int, steps: int, threads: int, out: Path, *extra: str) -> list[str]:
@@ -180,22 +186,27 @@ def main() -> None:
             print(f"  {name} ({src}): " + ", ".join(f"{m} {r[m]:,.0f}" for m in MODES)
                   + f" tok/s; load {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f}", flush=True)
     best = {name: {m: max(r[m] for r in rs) for m in MODES} for name, rs in runs.items()}
+    relative = {name: {m: max(r[m] / r[p] for r in rs) for m, p in PLAIN.items()} for name, rs in runs.items()}
 
     print(f"\nSmolLM2-135M demo recipe, {args.rows} conversations, {args.steps} timed steps, {args.threads} threads, "
           f"{args.store_dtype} store ({runs['this'][0]['bytes_per_token']:,.0f} bytes/token), {platform.machine()}")
-    head = f"{'tokens/s (best of ' + str(args.repeats) + ')':<32} {'this':>9}"
-    head += f" {'compare':>9} {'ratio':>6}" if args.compare else ""
+    head = f"{'tokens/s (best of ' + str(args.repeats) + ')':<32} {'this':>9} {'/ plain':>7}"
+    head += f" {'compare':>9} {'/ plain':>7} {'ratio':>6} {'/ plain':>7}" if args.compare else ""
     print(head + "\n" + "-" * len(head))
     for m in MODES:
-        line = f"{m:<32} {best['this'][m]:>9,.0f}"
+        rel = {name: f"{relative[name][m]:>7.2f}" if m in PLAIN else f"{'':>7}" for name in runs}
+        line = f"{m:<32} {best['this'][m]:>9,.0f} {rel['this']}"
         if args.compare:
-            line += f" {best['compare'][m]:>9,.0f} {best['this'][m] / best['compare'][m]:>5.2f}x"
+            ratio = f"{relative['this'][m] / relative['compare'][m]:>6.2f}x" if m in PLAIN else ""
+            line += (f" {best['compare'][m]:>9,.0f} {rel['compare']} {best['this'][m] / best['compare'][m]:>5.2f}x"
+                     f" {ratio}")
         print(line)
     ratio = best["this"]["capture"] / best["this"]["plain_forward_capture_batches"]
     print(f"capture / plain forward on its batches: {ratio:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spec": spec, "sources": {k: str(v) for k, v in sources.items()}, "runs": runs,
-                                    "best": best, "machine": platform.platform()}, indent=1))
+                                    "best": best, "relative_to_plain_forward": relative,
+                                    "machine": platform.platform()}, indent=1))
     print(f"\nwrote {args.out}")
 
 
