@@ -345,7 +345,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
     ap.add_argument("--paths", nargs="+", default=["reference", "efficient"],
-                    choices=["reference", "efficient", "blockwise", "flex"])
+                    choices=["reference", "efficient", "blockwise"])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up (best is reported)")
     ap.add_argument("--threads", type=int, default=2)
