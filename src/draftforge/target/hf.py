@@ -6,9 +6,9 @@ its lm_head, so no [B, L, V] logits are ever built here.
 
 A right-padded batch is run without its attention mask: a causal decoder's valid row never sees a
 later (padded) key, so its features are bit for bit those of the masked forward (tested for every
-family), while SDPA keeps its `is_causal` kernel: a padding mask makes it compute and mask every
-key block (the whole forward 1.15-1.2x slower on padded demo batches on CPU). Rows past a sample's
-length are zero, as a feature store serves them.
+family), while SDPA keeps its `is_causal` kernel: with a padding mask the CPU flash kernel computes
+and masks every key block (1.77x its causal time at L=2048, 1.05-1.07x at L <= 512, where its key
+blocks are whole rows). Rows past a sample's length are zero, as a feature store serves them.
 """
 
 from __future__ import annotations
