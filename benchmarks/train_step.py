@@ -5,6 +5,12 @@ batch 1. Each (path, dtype, L) runs in its own subprocess so its peak RSS (os.wa
 that child) is clean; a path stops at the first L that runs out of the memory limit. Prints a
 table against the SpecForge v0.2.0 reference measured on this machine (issue 3) and writes JSON.
 
+Each child also counts the FLOPs of one step (torch.utils.flop_counter; the CPU flash-attention
+kernel counted at its causal half) and, right after timing the step, measures this machine's GEMM
+rate on the step's own matmul shapes and dtypes (each distinct shape timed alone, weighted by its
+FLOPs in the step): the step's GFLOP/s as a share of that rate says how far from the matmul rate
+it runs, measured in the same process under the same load.
+
     python benchmarks/train_step.py                       # the full table
     python benchmarks/train_step.py --lengths 512 --iters 1 --paths efficient --dtypes bf16
     python benchmarks/train_step.py --online --dtypes bf16 --paths efficient   # SmolLM2 forward included
@@ -151,10 +157,88 @@ def run_child(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     import resource
 
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # before the counting step
+    flops, gemms = count_step(step)
+    ms = 1e3 * min(times)
+    step_gflops = flops / ms / 1e6
+    gemm_gflops = gemm_rate(gemms)
     return dict(
-        ms=1e3 * min(times), ms_all=[round(1e3 * t, 1) for t in times], supervised=out.count.tolist(),
-        self_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        ms=ms, ms_all=[round(1e3 * t, 1) for t in times], supervised=out.count.tolist(), self_maxrss_gib=maxrss,
+        gflop_per_step=round(flops / 1e9, 3), gflop_per_token=round(flops / 1e9 / spec["L"], 4),
+        step_gflops=round(step_gflops, 1), gemm_gflops=round(gemm_gflops, 1),
+        gemm_share=round(step_gflops / gemm_gflops, 3), loadavg=os.getloadavg(),
     )
+
+
+def count_step(step: Callable[[], object]) -> tuple[float, dict[tuple, int]]:
+    """(FLOPs of one call of `step`, {(batch, m, k, n, dtype name): count} of its matmuls).
+
+    torch's counter has no formula for the CPU flash-attention kernel: counted here as torch
+    counts the fused kernels (2 matmuls forward, 4 backward with the recompute), at the causal
+    half of the key blocks ((L+1) / 2L), which is what the kernel computes."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def causal(flops: int, q_len: int, is_causal: bool) -> int:
+        return flops * (q_len + 1) // (2 * q_len) if is_causal else flops
+
+    def cpu_flash(q, k, v, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+        return causal(sdpa_flop_count(q, k, v), q[2], is_causal)
+
+    def cpu_flash_backward(grad_out, q, k, v, out, lse, dropout_p=0.0, is_causal=False, *args, out_shape=None,
+                           **kwargs) -> int:
+        return causal(sdpa_backward_flop_count(grad_out, q, k, v), q[2], is_causal)
+
+    gemm_ops = {aten.mm: (0, 1), aten.addmm: (1, 2), aten.bmm: (0, 1), aten.baddbmm: (1, 2)}
+
+    class GemmShapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: dict[tuple, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            where = gemm_ops.get(func.overloadpacket)
+            if where is not None:
+                a, b = args[where[0]], args[where[1]]
+                key = (a.shape[0] if a.dim() == 3 else 1, a.shape[-2], a.shape[-1], b.shape[-1], str(a.dtype))
+                self.seen[key] = self.seen.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_flash_backward,
+    })
+    shapes = GemmShapes()
+    with counter, shapes:
+        step()
+    return float(counter.get_total_flops()), shapes.seen
+
+
+def gemm_rate(gemms: dict[tuple, int], min_s: float = 0.05) -> float:
+    """GFLOP/s of this machine's matmuls on exactly these shapes and dtypes (contiguous operands), each
+    timed alone (best of repeated runs of at least `min_s`), weighted by its share of the FLOPs."""
+    import torch
+
+    flops = seconds = 0.0
+    for (batch, m, k, n, dtype), count in gemms.items():
+        dt = getattr(torch, dtype.removeprefix("torch."))
+        a, b = torch.randn(batch, m, k).to(dt), torch.randn(batch, k, n).to(dt)
+        mm = torch.bmm if batch > 1 else (lambda x, y: torch.mm(x[0], y[0]))
+        mm(a, b)
+        best, reps, t_all = float("inf"), 1, 0.0
+        while t_all < 3 * min_s:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                mm(a, b)
+            t = time.perf_counter() - t0
+            best, t_all = min(best, t / reps), t_all + t
+            reps = max(reps, int(reps * min_s / max(t, 1e-6)))
+        flops += count * 2.0 * batch * m * k * n
+        seconds += count * best
+    return flops / seconds / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +316,7 @@ def _rss_gib(pid: int) -> float | None:
 
 def table(results: list[dict], online: bool) -> str:
     head = (f"{'L':>5} {'dtype':>5} {'path':>10} {'ms/step':>9} {'tok/s':>7} {'peak GiB':>8} "
+            f"{'GFLOP/tok':>9} {'GFLOP/s':>7} {'GEMM GFLOP/s':>12} {'share':>5} "
             f"{'SpecForge tok/s':>15} {'GiB':>5} {'speedup':>7}  goal")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -250,7 +335,9 @@ def table(results: list[dict], online: bool) -> str:
         ref_tok_s = f"{ref_tok}" if ref_tok else "-"
         ref_gib_s = f"{ref_gib}" if ref_gib else ("OOM" if r["L"] == 8192 else "-")
         lines.append(f"{r['L']:>5} {r['dtype']:>5} {r['path']:>10} {r['ms']:>9.0f} {r['tok_s']:>7.0f} "
-                     f"{r['peak_rss_gib']:>8.2f} {ref_tok_s:>15} {ref_gib_s:>5} {speed:>7}  {goal}")
+                     f"{r['peak_rss_gib']:>8.2f} {r['gflop_per_token']:>9.3f} {r['step_gflops']:>7.0f} "
+                     f"{r['gemm_gflops']:>12.0f} {r['gemm_share']:>5.0%} "
+                     f"{ref_tok_s:>15} {ref_gib_s:>5} {speed:>7}  {goal}")
     return "\n".join(lines)
 
 
@@ -281,7 +368,9 @@ def main() -> None:
                             checkpoint=args.checkpoint, online=args.online, omp_wait_policy=args.omp_wait_policy)
                 r = measure(spec, args.mem_limit_gib, args.timeout_s)
                 results.append(r)
-                msg = r.get("error") or f"{r['ms']:.0f} ms/step, {r['tok_s']:.0f} tok/s"
+                msg = r.get("error") or (f"{r['ms']:.0f} ms/step, {r['tok_s']:.0f} tok/s, {r['step_gflops']:.0f} "
+                                         f"GFLOP/s = {r['gemm_share']:.0%} of the GEMM rate {r['gemm_gflops']:.0f} "
+                                         f"(load {r['loadavg'][0]:.2f})")
                 print(f"  L={L} {dtype} {path}: {msg}, peak {r['peak_rss_gib']:.2f} GiB", flush=True)
                 if "error" in r:
                     break  # longer sequences of this path would run out too

@@ -23,8 +23,8 @@ def _inputs(steps: int, dtype: torch.dtype, seed: int = 0):
     return q, ks, vs
 
 
-def _valid() -> torch.Tensor:
-    return (torch.arange(L)[None, :] < torch.tensor(LENGTHS)[:, None])[:, None, :, None]  # [B,1,L,1]
+def _valid(device: torch.device | None = None) -> torch.Tensor:
+    return (torch.arange(L)[None, :] < torch.tensor(LENGTHS)[:, None])[:, None, :, None].to(device)  # [B,1,L,1]
 
 
 def _out_and_grads(q, ks, vs, impl, upcast=False):
@@ -34,9 +34,9 @@ def _out_and_grads(q, ks, vs, impl, upcast=False):
     n = len(ks)
     out = ttt_attention(leaves[0], leaves[1 : n + 1], leaves[n + 1 :], impl=impl)
     w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(out.dtype)
-    loss = (out * w * _valid()).sum()
+    loss = (out * w * _valid(out.device)).sum()
     loss.backward()
-    return out.detach().double() * _valid(), [x.grad.double() for x in leaves]
+    return out.detach().double() * _valid(out.device), [x.grad.double() for x in leaves]
 
 
 @pytest.mark.parametrize("impl", ["efficient", "blockwise"])
@@ -79,3 +79,37 @@ def test_reference_bf16_is_close_to_float64():
     out, _ = _out_and_grads(q, ks, vs, "reference")
     ref, _ = _out_and_grads(q, ks, vs, "reference", upcast=True)
     assert (out - ref).abs().max().item() <= TOL[torch.bfloat16] * max(1.0, ref.abs().max().item())
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1, 6])
+@pytest.mark.parametrize("length", [L, 200])  # 200: past flex's 128-token blocks
+def test_flex_forward_matches_reference(dtype, k, length):
+    """Forward only on CPU (flex's eager implementation); its fused kernel and backward need CUDA."""
+    g = torch.Generator().manual_seed(k)
+    q = torch.randn(B, HQ, length, D, generator=g, dtype=torch.float64).to(dtype)
+    ks = [torch.randn(B, HKV, length, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(k + 1)]
+    vs = [torch.randn(B, HKV, length, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(k + 1)]
+    out = ttt_attention(q, ks, vs, impl="flex").double()
+    ref = ttt_attention(q.double(), [x.double() for x in ks], [x.double() for x in vs], impl="reference")
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= TOL[dtype] * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.skipif(not CUDA, reason="flex attention's compiled kernel and backward run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 3])
+def test_flex_matches_reference_on_cuda(dtype, k):
+    q, ks, vs = _inputs(k + 1, dtype, seed=k)
+    q, ks, vs = q.detach().cuda(), [x.detach().cuda() for x in ks], [x.detach().cuda() for x in vs]
+    out, grads = _out_and_grads(q, ks, vs, "flex")
+    ref_out, ref_grads = _out_and_grads(q, ks, vs, "reference", upcast=True)
+    tol = TOL[dtype]
+    assert (out - ref_out).abs().max().item() <= tol * max(1.0, ref_out.abs().max().item())
+    for i, (gr, rg) in enumerate(zip(grads, ref_grads, strict=True)):
+        err = (gr - rg).abs().max().item()
+        assert err <= tol * max(1.0, rg.abs().max().item()), f"grad {i}: {err}"

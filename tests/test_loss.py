@@ -94,6 +94,27 @@ def test_fused_soft_ce_bf16_autocast_close():
     assert (gw - w.grad).abs().max() <= 0.05 * w.grad.abs().max()
 
 
+def test_fused_soft_ce_weight_converted_once_is_bit_identical():
+    """A bf16 copy of the weight passed in (made once per TTT step) changes no bit of loss, hits or grads."""
+    g = torch.Generator().manual_seed(4)
+    t_logits = torch.randn(N, DV, generator=g)
+    probs, rows, top = _probs(t_logits).bfloat16(), torch.arange(N), t_logits.argmax(-1)
+    h0, w0 = torch.randn(N, H, generator=g), torch.randn(DV, H, generator=g)
+    results = []
+    for weight_lo in (None, w0.bfloat16()):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, hits = fused_linear_soft_ce(h, w, probs, rows, top, chunk=8, sub=3, weight_lo=weight_lo)
+        loss.backward()
+        results.append((loss, hits, h.grad, w.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and the copy is what the matmuls use
+        other, _ = fused_linear_soft_ce(h0, w0, probs, rows, top, weight_lo=(2 * w0).bfloat16())
+    assert other != results[0][0]
+    with pytest.raises(ValueError, match="compute dtype"):
+        fused_linear_soft_ce(h0, w0, probs, rows, top, weight_lo=w0.bfloat16())  # no autocast: float32
+
+
 def test_fused_soft_ce_no_grad():
     h, w, t = torch.randn(N, H), torch.randn(DV, H), torch.randn(N, DV)
     with torch.no_grad():

@@ -12,11 +12,16 @@ of steps 1..k at index t only (the diagonal). Three implementations behind `ttt_
   `_TTTAttention.backward` for why that is exact) plus the diagonal terms by hand.
 - "blockwise": the efficient path with the device-generic blockwise causal kernel forced
   (what non-CPU devices use; selectable on CPU so it is tested).
+- "flex": torch's flex attention over the concatenated step keys with a block mask (causal blocks
+  for step 0, one diagonal block per query block for each later step), compiled on CUDA, where
+  its fused kernel and backward run. On CPU it is flex's unfused eager implementation (dense
+  scores): there only to check its forward against the reference; never the CPU default.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache, lru_cache
 
 import torch
 from torch import Tensor
@@ -40,7 +45,9 @@ def ttt_attention(
     if impl in ("efficient", "blockwise"):
         blockwise = impl == "blockwise" or q.device.type != "cpu"
         return _TTTAttention.apply(scale, blockwise, q, *k_cache, *v_cache)
-    raise ValueError(f"unknown TTT attention impl {impl!r} (reference | efficient | blockwise)")
+    if impl == "flex":
+        return flex_ttt_attention(q, k_cache, v_cache, scale)
+    raise ValueError(f"unknown TTT attention impl {impl!r} (reference | efficient | blockwise | flex)")
 
 
 def ttt_mask(length: int, steps: int, device: torch.device | None = None) -> Tensor:
@@ -59,6 +66,36 @@ def reference_ttt_attention(q: Tensor, k_cache: list[Tensor], v_cache: list[Tens
     s = s.masked_fill(~ttt_mask(q.shape[2], len(k_cache), q.device), float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=_acc(q.dtype)).to(v.dtype)
     return p @ v
+
+
+def flex_ttt_attention(q: Tensor, k_cache: list[Tensor], v_cache: list[Tensor], scale: float) -> Tensor:
+    """The TTT attention as one flex attention call over the keys of all steps, [B, Hkv, steps*L, D]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    length, steps = q.shape[2], len(k_cache)
+    mask = _flex_block_mask(length, steps, q.device)
+    k, v = torch.cat(k_cache, dim=2), torch.cat(v_cache, dim=2)
+    attend = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return attend(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)  # shapes go dynamic after the first new length
+
+
+@lru_cache(maxsize=8)
+def _flex_block_mask(length: int, steps: int, device: torch.device):
+    """`ttt_mask` as a flex BlockMask (key index s*L + j: step s, position j); one per (L, steps, device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        step, j = kv_idx // length, kv_idx % length
+        return ((step == 0) & (j <= q_idx)) | ((step > 0) & (j == q_idx))
+
+    return create_block_mask(mask_mod, None, None, length, steps * length, device=device)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -3,6 +3,12 @@
 Hooks sit on exactly the tapped decoder layers (a pre-hook sees the layer's input, which is
 `hidden_states[i]` in HF's convention) and on the final norm. The base model is called without
 its lm_head, so no [B, L, V] logits are ever built here.
+
+A right-padded batch is run without its attention mask: a causal decoder's valid row never sees a
+later (padded) key, so its features are bit for bit those of the masked forward (tested for every
+family), while SDPA keeps its `is_causal` kernel: with a padding mask the CPU flash kernel computes
+and masks every key block (1.77x its causal time at L=2048, 1.05-1.07x at L <= 512, where its key
+blocks are whole rows). Rows past a sample's length are zero, as a feature store serves them.
 """
 
 from __future__ import annotations
@@ -121,10 +127,21 @@ class HFTarget:
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TargetFeatures:
+        """aux [B, L, 3*Ht] and final_hidden [B, L, Ht]; zero past each row's length when right padded."""
         self._taps.clear()
-        base = decoder(self.model)
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        valid = attention_mask.bool()
+        right_padded = bool(torch.equal(valid, _prefix_mask(valid.sum(1), valid.shape[1])))
+        decoder(self.model)(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
+                            use_cache=False)
         aux = torch.cat([self._taps[i] for i in self.aux_layers], dim=-1)
         final, self._final = self._final, None
         self._taps.clear()
+        if right_padded and not valid.all():
+            aux.masked_fill_(~valid[..., None], 0)
+            final.masked_fill_(~valid[..., None], 0)
         return TargetFeatures(aux=aux, final_hidden=final)
+
+
+def _prefix_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length] bool, True at the first lengths[b] positions of row b."""
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]

@@ -165,6 +165,7 @@ class _FusedLinearSoftCE(torch.autograd.Function):
         dt: torch.dtype,
         chunk: int,
         sub: int,
+        weight_lo: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_g = need_h or need_w
@@ -172,7 +173,7 @@ class _FusedLinearSoftCE(torch.autograd.Function):
         n, dev = h.shape[0], h.device
         dv, hd = weight.shape
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        w = weight.to(dt)
+        w = weight.to(dt) if weight_lo is None else weight_lo
         loss = torch.zeros((), dtype=acc, device=dev)
         hits = torch.empty(n, dtype=torch.bool, device=dev)
         grad_h = torch.empty_like(h) if need_h else None
@@ -247,7 +248,7 @@ class _FusedLinearSoftCE(torch.autograd.Function):
         ctx.grads = None  # a second backward through this graph is not supported
         gh = grad_h.mul_(d_loss.to(grad_h.dtype)) if grad_h is not None else None
         gw = grad_w.mul_(d_loss).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def fused_linear_soft_ce(
@@ -258,6 +259,7 @@ def fused_linear_soft_ce(
     teacher_argmax: Tensor,
     chunk: int | None = None,
     sub: int | None = None,
+    weight_lo: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sum over rows of CE(teacher_probs[teacher_rows], log_softmax(hidden @ weight.T)).
 
@@ -267,12 +269,18 @@ def fused_linear_soft_ce(
     logit; ties, which only low precision makes likely, count as agreement). Matmuls in the
     autocast dtype when autocast is on; softmax and accumulation in float32. `chunk` rows per
     matmul (default: a [chunk, Dv] block of about 2^24 elements), `sub` rows per float32 step
-    (default about 2^19 elements: cache-sized).
+    (default about 2^19 elements: cache-sized). `weight_lo`: weight already converted to the compute
+    dtype, detached (one conversion shared by the TTT steps instead of one per call); the gradient
+    still goes to `weight`, in its own dtype.
     """
     dt = compute_dtype(hidden)
+    if weight_lo is not None and (weight_lo.dtype != dt or weight_lo.shape != weight.shape):
+        raise ValueError(f"weight_lo must be weight in the compute dtype {dt}, got {weight_lo.dtype} "
+                         f"{tuple(weight_lo.shape)}")
     default_chunk, default_sub = loss_chunks(weight.shape[0])
     chunk, sub = chunk or default_chunk, sub or default_sub
-    return _FusedLinearSoftCE.apply(hidden, weight, teacher_probs, teacher_rows, teacher_argmax, dt, chunk, sub)
+    return _FusedLinearSoftCE.apply(hidden, weight, teacher_probs, teacher_rows, teacher_argmax, dt, chunk, sub,
+                                    weight_lo)
 
 
 def ttt_objective(out, counts: Tensor | None = None, decay: float = 0.8) -> Tensor:

@@ -83,6 +83,8 @@ def ttt_forward(
         emb_all = emb_all.to(compute_dtype(emb_all))
     cos_all, sin_all = draft.rotary(torch.arange(L + steps, device=dev))
 
+    head_lo = draft.lm_head.weight.detach()
+    head_lo = head_lo.to(compute_dtype(head_lo))  # converted once for all steps, not once per step
     e_part = layer.embed_part(emb_all)  # token-only half of q/k/v, shared by all steps
     h = draft.project(aux)
     ks: list[Tensor] = []
@@ -113,7 +115,8 @@ def ttt_forward(
         u_idx = t_idx + 1 + k
         rows = out.flatten(0, 1).index_select(0, t_idx)
         loss, hits = fused_linear_soft_ce(
-            draft.norm(rows), draft.lm_head.weight, teacher.probs, row_of[u_idx], teacher.argmax, loss_chunk
+            draft.norm(rows), draft.lm_head.weight, teacher.probs, row_of[u_idx], teacher.argmax, loss_chunk,
+            weight_lo=head_lo,
         )
         losses.append(loss)
         corrects.append(hits.sum())
