@@ -53,7 +53,7 @@ class DraftConfig:
 class TrainConfig:
     out_dir: str = "runs/draft"
     ttt_steps: int = 7
-    attention: str = "efficient"  # "efficient" (linear memory) or "reference" (dense oracle)
+    attention: str = "efficient"  # "efficient" (linear memory), "reference" (dense oracle), "flex" (CUDA)
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     lr: float = 3e-4
     head_lr_scale: float = 1.0  # lr multiplier of lm_head and the final norm (lower keeps a target-initialised head)
