@@ -232,7 +232,8 @@ class VLLMServer(EngineServer):
             return None
         from draftforge.layouts import is_dflash
 
-        config = json.loads((Path(self.draft_dir) / "config.json").read_text())
+        config_file = Path(self.draft_dir) / "config.json"  # absent when the command is for another machine
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         return {
             "method": "dflash" if is_dflash(config) else "eagle3",  # a DFlash draft's K is this count too
             "model": self.draft_dir,
