@@ -41,12 +41,12 @@ def _recipe_row(path: Path) -> dict[str, Any]:
     from draftforge.recipe import load_recipe
 
     config, meta = load_recipe(path)
-    known = TRAINABLE.get(path.stem, {})
+    known = TRAINABLE.get(path.stem) or next((t for t in TRAINABLE.values() if t["model"] == config.target.path), {})
     return {
         "name": path.stem,
         "target": meta.get("target") or known.get("target") or config.target.path,
         "params_b": meta.get("params_b") or known.get("params_b"),
-        "ttt": config.train.ttt_steps,
+        "ttt": f"block {config.draft.block_size}" if config.draft.family == "dflash" else config.train.ttt_steps,
         "draft_vocab": config.draft.draft_vocab_size,
         "hardware": _hardware(meta.get("hardware") or {}),
     }
@@ -61,7 +61,7 @@ def _hardware(hw: dict[str, Any]) -> str:
 def table() -> str:
     """The README table: every recipe, measured columns filled where bundle/NAME.json exists."""
     measured = measured_rows()
-    head = ("| target | recipe | params | TTT / draft vocab | train on | τ chain / tree (built-in) | "
+    head = ("| target | recipe | params | TTT steps or block / draft vocab | train on | τ chain / tree (built-in) | "
             "speedup chain / tree (built-in) | vLLM-cpu τ / speedup | n-gram lookup τ | training budget | exported |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for path in sorted((repo_root() / "recipes").glob("*.yaml")):
