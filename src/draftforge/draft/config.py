@@ -14,8 +14,29 @@ from typing import Any
 from draftforge.target.taps import default_aux_layers
 
 
+class ConfigDict:
+    """A draft config dataclass as a plain dict and back (the checkpoint's `draft_config`), and built
+    from derived values plus deliberate overrides."""
+
+    @classmethod
+    def with_overrides(cls, values: dict[str, Any], overrides: dict[str, Any] | None) -> Any:
+        unknown = set(overrides or {}) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise KeyError(f"unknown draft config override(s): {sorted(unknown)}")
+        return cls(**{**values, **(overrides or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Unknown keys (from a newer or other family's config) are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class DraftModelConfig:
+class DraftModelConfig(ConfigDict):
     hidden_size: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -77,19 +98,7 @@ class DraftModelConfig:
             target_hidden_size=hidden,
             aux_layer_ids=list(aux_layers) if aux_layers is not None else default_aux_layers(n_layers),
         )
-        unknown = set(overrides or {}) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise KeyError(f"unknown draft config override(s): {sorted(unknown)}")
-        values.update(overrides or {})
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DraftModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls.with_overrides(values, overrides)
 
 
 def target_rope(text_config: Any) -> tuple[float, dict | None]:

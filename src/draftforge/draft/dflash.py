@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftforge.draft.dflash_config import DFlashConfig
-from draftforge.draft.model import MLP, RMSNorm, Rotary, apply_rope
+from draftforge.draft.model import MLP, RMSNorm, Rotary, TargetTiedDraft, apply_rope
 
 
 class DFlashAttention(nn.Module):
@@ -106,7 +106,7 @@ class DFlashLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DFlashDraft(nn.Module):
+class DFlashDraft(TargetTiedDraft):
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -128,37 +128,11 @@ class DFlashDraft(nn.Module):
         self.rotary = Rotary(c)  # type: ignore[arg-type]  # reads the same fields as an EAGLE-3 config
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, std)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-
-    @torch.no_grad()
-    def load_target_embedding(self, weight: Tensor) -> None:
-        """Copy the target's input embedding (frozen, never exported)."""
-        if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
-            raise ValueError(f"target embedding {tuple(weight.shape)} != {tuple(self.embed_tokens.weight.shape)}")
-        self.embed_tokens.weight.copy_(weight)
-
     def load_target_head(self, weight: Tensor) -> None:
         """Use the target's lm_head [V, H] (by reference) when the draft has no head of its own."""
         if self.lm_head is None and tuple(weight.shape) != (self.config.vocab_size, self.config.hidden_size):
             raise ValueError(f"target lm_head {tuple(weight.shape)} does not fit this draft")
         self.shared_head = weight.detach()
-
-    @torch.no_grad()
-    def set_vocab_mapping(self, d2t: Tensor, t2d: Tensor) -> None:
-        """Install a reduced draft vocabulary (d2t[i] = target id of draft id i, minus i)."""
-        d2t, t2d = d2t.to(torch.long).cpu(), t2d.to(torch.bool).cpu()
-        if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
-            raise ValueError(f"d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not fit this draft")
-        if not torch.equal(torch.nonzero(t2d).flatten(), d2t + torch.arange(len(d2t))):
-            raise ValueError("d2t and t2d disagree: d2t[i] + i must list the t2d ids in order")
-        self.d2t.copy_(d2t.to(self.d2t.device))
-        self.t2d.copy_(t2d.to(self.t2d.device))
 
     @torch.no_grad()
     def head_from_target(self, head_weight: Tensor, norm_weight: Tensor) -> None:
@@ -205,9 +179,6 @@ class DFlashDraft(nn.Module):
         """Draft-vocabulary logits of pre-norm outputs."""
         x = self.norm(prenorm)
         return F.linear(x, self.head_weight().to(x.dtype))
-
-    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]
 
     def block_ids(self, first: Tensor) -> Tensor:
         """[..., block_size] block inputs: the given first tokens, then mask tokens."""

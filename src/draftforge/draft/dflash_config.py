@@ -11,17 +11,16 @@ HF index - 1). `block_size` counts the anchor: a block drafts `block_size - 1` t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from draftforge.draft.config import target_rope
+from draftforge.draft.config import ConfigDict, target_rope
 
 FAMILY = "dflash"
 
 
 @dataclass
-class DFlashConfig:
+class DFlashConfig(ConfigDict):
     hidden_size: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -105,19 +104,7 @@ class DFlashConfig:
             num_layers=int(num_layers),
             block_size=int(block_size),
         )
-        unknown = set(overrides or {}) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise KeyError(f"unknown draft config override(s): {sorted(unknown)}")
-        values.update(overrides or {})
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DFlashConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls.with_overrides(values, overrides)
 
 
 def default_taps(num_target_layers: int, num_draft_layers: int = 1) -> list[int]:

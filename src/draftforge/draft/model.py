@@ -232,24 +232,14 @@ def fold_tap_scales(fc_weight: Tensor, cfg: DraftModelConfig) -> Tensor:
     return fc_weight * _per_column(cfg.tap_scales, cfg).to(fc_weight.device, fc_weight.dtype)
 
 
-class Eagle3Draft(nn.Module):
-    def __init__(self, config: DraftModelConfig) -> None:
-        super().__init__()
-        c = self.config = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(3 * c.target_hidden_size, c.hidden_size, bias=False)
-        self.midlayer = DecoderLayer(c)
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
-        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
-        t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
-        t2d[: c.draft_vocab_size] = True
-        self.register_buffer("t2d", t2d)
-        self.rotary = Rotary(c)
-        self.register_buffer("tap_scale", None, persistent=False)  # its source of truth is config.tap_scales
-        self.set_tap_scales(c.tap_scales)
-        self.reset_parameters()
+class TargetTiedDraft(nn.Module):
+    """What every draft family shares with its target: the frozen copy of its input embedding
+    (`embed_tokens`), the draft vocabulary as `d2t` / `t2d` buffers (docs/design.md §4.1), and the
+    plain weight init. A subclass builds those three attributes."""
+
+    embed_tokens: nn.Embedding
+    d2t: Tensor
+    t2d: Tensor
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -269,15 +259,37 @@ class Eagle3Draft(nn.Module):
 
     @torch.no_grad()
     def set_vocab_mapping(self, d2t: Tensor, t2d: Tensor) -> None:
-        """Install the draft vocabulary (docs/design.md §4.1) after checking d2t and t2d agree."""
+        """Install the draft vocabulary after checking d2t and t2d agree (d2t[i] = target id of i, minus i)."""
         d2t, t2d = d2t.to(torch.long).cpu(), t2d.to(torch.bool).cpu()
-        ids = torch.nonzero(t2d).flatten()
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
             raise ValueError(f"d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not fit this draft")
-        if not torch.equal(ids, d2t + torch.arange(len(d2t))):
+        if not torch.equal(torch.nonzero(t2d).flatten(), d2t + torch.arange(len(d2t))):
             raise ValueError("d2t and t2d disagree: d2t[i] + i must list the t2d ids in order")
-        self.d2t.copy_(d2t)
-        self.t2d.copy_(t2d)
+        self.d2t.copy_(d2t.to(self.d2t.device))
+        self.t2d.copy_(t2d.to(self.t2d.device))
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+
+class Eagle3Draft(TargetTiedDraft):
+    def __init__(self, config: DraftModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(3 * c.target_hidden_size, c.hidden_size, bias=False)
+        self.midlayer = DecoderLayer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
+        t2d[: c.draft_vocab_size] = True
+        self.register_buffer("t2d", t2d)
+        self.rotary = Rotary(c)
+        self.register_buffer("tap_scale", None, persistent=False)  # its source of truth is config.tap_scales
+        self.set_tap_scales(c.tap_scales)
+        self.reset_parameters()
 
     @torch.no_grad()
     def head_from_target(self, head_weight: Tensor, norm_weight: Tensor) -> None:
@@ -326,5 +338,3 @@ class Eagle3Draft(nn.Module):
         """Draft-vocabulary logits of a pre-norm output."""
         return self.lm_head(self.norm(prenorm))
 
-    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from draftforge.draft.config import target_rope
 from draftforge.draft.dflash_config import DFlashConfig
-from draftforge.export.findings import Finding, check_vocab_map
+from draftforge.export.findings import Finding, check_vocab_map, tensor_layout
 from draftforge.layouts import DFLASH_ARCHITECTURE
 from draftforge.target.base import DTYPES
 
@@ -164,12 +164,7 @@ def check_dflash_dir(path: Path, config: dict[str, Any], files: list[Path],
         err(f"config cannot describe a DFlash draft: {e}")
         return found
 
-    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            for name in fh.keys():
-                sl = fh.get_slice(name)
-                tensors[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    tensors = tensor_layout(files)
     expect = expected_shapes(cfg)
     optional = {"t2d"}  # vLLM skips it; our loader re-derives it from d2t
     for name, shape in expect.items():

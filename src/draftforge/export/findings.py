@@ -17,6 +17,17 @@ class Finding:
     message: str
 
 
+def tensor_layout(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of every tensor in safetensors files, read from their headers only."""
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                tensors[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    return tensors
+
+
 def check_vocab_map(files: list[Path], cfg: Any) -> list[Finding]:
     """d2t / t2d of a draft dir (any family: `cfg` has draft_vocab_size and vocab_size) agree."""
     tensors: dict[str, torch.Tensor] = {}

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import fold_tap_scales
-from draftforge.export.findings import Finding, check_vocab_map
+from draftforge.export.findings import Finding, check_vocab_map, tensor_layout
 from draftforge.layouts import is_dflash
 from draftforge.target.base import DTYPES
 
@@ -224,12 +223,7 @@ def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = Non
     if "draft_vocab_size" not in layer:
         err("draft_vocab_size is missing: engines then assume the full vocabulary and misread lm_head/d2t")
 
-    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            for name in fh.keys():
-                sl = fh.get_slice(name)
-                tensors[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    tensors = tensor_layout(files)
 
     try:
         cfg = DraftModelConfig(
