@@ -159,13 +159,10 @@ class BlockDecoder(SpeculativeDecoder):
         t0 = time.perf_counter()
         tree = self._draft(st, spec, temperature, gen)
         t1 = time.perf_counter()
+        path, n, bonus, q_pos, aux = self._verify(st, tree, temperature, gen)
+        t2 = time.perf_counter()
         B, S0 = st.valid.shape
         T = tree.tokens.shape[1]
-        q_pos = st.length[:, None] + tree.depth
-        attend = torch.cat([st.valid[:, None].expand(B, T, S0), tree.anc], dim=2)
-        logits, aux = self.target.forward(tree.tokens, q_pos, st.cache, attend, torch.cat([st.pos, q_pos], 1))
-        path, n, bonus = self._accept(tree, logits, temperature, gen)
-        t2 = time.perf_counter()
         R = int(n.max()) + 1
         keep = path[:, :R]
         steps = torch.arange(R, device=n.device)[None]
@@ -178,10 +175,7 @@ class BlockDecoder(SpeculativeDecoder):
         st.pos = torch.cat([st.pos, new_pos], dim=1)
         st.length = st.length + n + 1
         st.last = bonus
-        stats.accepted += n.tolist()
-        stats.draft_s += t1 - t0
-        stats.verify_s += t2 - t1
-        stats.commit_s += time.perf_counter() - t2
+        self._record(stats, n, t0, t1, t2)
         return [new[b, : n[b] + 1] for b in range(B)]
 
     def _drop(self, st: _BlockState, keep: Tensor) -> None:  # type: ignore[override]

@@ -499,18 +499,33 @@ class SpeculativeDecoder:
 
     # -- one cycle ------------------------------------------------------------------------------------
 
-    def _cycle(self, st: _State, spec: SpecConfig, temperature: float, gen, stats: SpecStats) -> list[Tensor]:
-        """Draft, verify, commit; returns the new tokens of each row ([n_b + 1] each)."""
-        t0 = time.perf_counter()
-        tree = self._draft(st, spec, temperature, gen)
-        t1 = time.perf_counter()
+    def _verify(self, st: Any, tree: _Tree, temperature: float, gen) -> tuple[Tensor, ...]:
+        """The target on the drafted tree after the committed tokens: (accepted path, accepted count n,
+        bonus token, the tree's positions, the target's taps there)."""
         B, S0 = st.valid.shape
         T = tree.tokens.shape[1]
         q_pos = st.length[:, None] + tree.depth
         attend = torch.cat([st.valid[:, None].expand(B, T, S0), tree.anc], dim=2)
         logits, aux = self.target.forward(tree.tokens, q_pos, st.cache, attend, torch.cat([st.pos, q_pos], 1))
         path, n, bonus = self._accept(tree, logits, temperature, gen)
+        return path, n, bonus, q_pos, aux
+
+    @staticmethod
+    def _record(stats: SpecStats, n: Tensor, t0: float, t1: float, t2: float) -> None:
+        """Accepted counts and the draft / verify / commit times of a cycle (commit ends now)."""
+        stats.accepted += n.tolist()
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.commit_s += time.perf_counter() - t2
+
+    def _cycle(self, st: _State, spec: SpecConfig, temperature: float, gen, stats: SpecStats) -> list[Tensor]:
+        """Draft, verify, commit; returns the new tokens of each row ([n_b + 1] each)."""
+        t0 = time.perf_counter()
+        tree = self._draft(st, spec, temperature, gen)
+        t1 = time.perf_counter()
+        path, n, bonus, q_pos, aux = self._verify(st, tree, temperature, gen)
         t2 = time.perf_counter()
+        B, S0 = st.valid.shape
         R = int(n.max()) + 1
         path = torch.cat([path, path[:, -1:]], dim=1)  # room for the "next token" lookup below
         keep = path[:, :R]
@@ -531,10 +546,7 @@ class SpeculativeDecoder:
         st.pos = torch.cat([st.pos, new_pos], dim=1)
         st.length = st.length + n + 1
         st.last = bonus
-        stats.accepted += n.tolist()
-        stats.draft_s += t1 - t0
-        stats.verify_s += t2 - t1
-        stats.commit_s += time.perf_counter() - t2
+        self._record(stats, n, t0, t1, t2)
         return [nxt[b, : n[b] + 1] for b in range(B)]
 
     def _drop(self, st: _State, keep: Tensor) -> None:
