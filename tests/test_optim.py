@@ -50,3 +50,28 @@ def test_time_budget_fixes_the_step_count_and_resume_keeps_it(tmp_path, tiny_tar
 
     again = build_training(run_config(tiny_target_dir, small_conversations, tmp_path / "run", *overrides))
     assert again.resume() and again.total_steps == steps and again.budget_set
+
+
+def test_a_time_budget_is_remeasured_when_steps_slow_down(tmp_path, tiny_target_dir, small_conversations,
+                                                          isolated_cache, monkeypatch):
+    """Steps that take 1 s while the count is first fixed and 2 s after it: re-measuring during the first
+    half keeps the steps within the budget (fixed once, they would take about 1.8x it). A step clock
+    stands in for the wall clock, so the test does not depend on the machine's speed."""
+    from draftforge.train import trainer as trainer_module
+
+    overrides = ["train.budget_minutes=1", "train.max_steps=10000", "train.warmup_steps=3", "train.log_every=2",
+                 "train.schedule=linear", "train.eval_every=0", "train.save_every=1000"]
+    trainer = build_training(run_config(tiny_target_dir, small_conversations, tmp_path / "run", *overrides))
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    train_step = trainer.train_step
+
+    def timed_step():
+        metrics = train_step()
+        clock[0] += 1.0 if trainer.step <= 5 else 2.0
+        return metrics
+
+    trainer.train_step = timed_step
+    trainer.fit(progress=False)
+    assert trainer.step == trainer.total_steps
+    assert 54 <= clock[0] <= 64, f"{trainer.step} steps took {clock[0]:.0f} s of a 60 s budget"

@@ -93,11 +93,20 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     retired since the run (RETIRED_KEYS) are not differences, and a key added since is read as its
     default there (a new setting's default keeps what older runs computed)."""
     old = {**flat_config(RunConfig()), **old}
+    same = {"data.sources": lambda a, b: _files(a) == _files(b)}
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k))
+        if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS
+        and not same.get(k, lambda a, b: json.dumps(a) == json.dumps(b))(old.get(k), new.get(k))
     ]
+
+
+def _files(sources: Any) -> list[str]:
+    """Data sources as the files they name: a path written relative or absolute is the same source
+    (`bundle --run` names the shipped data absolutely; the recipe relatively). Contents are checked apart,
+    by the run's data identity."""
+    return [str(Path(s).resolve()) if Path(s).exists() else s for s in sources or []]
 
 
 class TTTModel(nn.Module):
@@ -170,8 +179,9 @@ class Trainer:
             raise ValueError("the training set is empty")
         self.micro_per_step = self.cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
         epochs = self.cfg.epochs
-        self.total_steps = max(1, math.ceil(epochs * self.batches_per_epoch / self.micro_per_step) if epochs
-                               else self.cfg.max_steps)
+        self.step_cap = max(1, math.ceil(epochs * self.batches_per_epoch / self.micro_per_step) if epochs
+                            else self.cfg.max_steps)
+        self.total_steps = self.step_cap  # a time budget shortens it once the step time is measured
         self.ttt = objective if objective is not None else TTTModel(draft, head, self.cfg)  # the family's objective
         bf16 = torch.bfloat16 if self.cfg.precision == "bf16" else None
         self.model = parallelize(self.ttt, self.dist, self.cfg.fsdp, bf16)
@@ -368,14 +378,24 @@ class Trainer:
                     self._tb.add_scalar(key, value, record["step"])
             self._tb.flush()
 
+    def _budget_due(self, step0: int) -> bool:
+        """When to (re)measure the step time under a time budget: once warmup's first steps are timed,
+        then at every log step of the run's first half, as the rate settles (the first steps can run
+        faster than the rest, and a count fixed on them alone overruns the budget)."""
+        if self.cfg.budget_minutes is None or self.step <= step0 + 1:
+            return False
+        if not self.budget_set:
+            return self.step == step0 + 1 + max(3, min(20, self.cfg.warmup_steps))
+        return self.step % self.cfg.log_every == 0 and self.step < self.total_steps // 2
+
     def _fix_budget(self, seconds: float, steps: int) -> None:
         """Fix total_steps so the training steps fill train.budget_minutes at the rate measured over
         the last `steps` steps (evaluations come on top); the schedule decays to that length."""
         left = self.cfg.budget_minutes * 60 - seconds * (self.step / steps)
-        self.total_steps = max(self.step, min(self.total_steps, self.step + int(left / (seconds / steps))))
-        self.budget_set = True
-        self._say(f"time budget {self.cfg.budget_minutes:g} min: {self.total_steps} steps "
-                  f"({seconds / steps:.2f} s/step)")
+        total = max(self.step, min(self.step_cap, self.step + int(left / (seconds / steps))))
+        if not self.budget_set or abs(total - self.total_steps) > 0.02 * self.total_steps:
+            self._say(f"time budget {self.cfg.budget_minutes:g} min: {total} steps ({seconds / steps:.2f} s/step)")
+        self.total_steps, self.budget_set = total, True
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
@@ -387,7 +407,7 @@ class Trainer:
             metrics = self.train_step()
             if self.step > step0 + 1:  # the first step of a process pays one-off costs
                 timed += time.perf_counter() - started
-            if not self.budget_set and self.step == step0 + 1 + max(3, min(20, self.cfg.warmup_steps)):
+            if self._budget_due(step0):
                 self._fix_budget(self.dist.from_main(timed), self.step - step0 - 1)
                 bar.total = self.total_steps
             rate = (self.tokens - tok0) / max(1e-9, time.perf_counter() - t0)
