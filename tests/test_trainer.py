@@ -103,6 +103,21 @@ def test_a_key_added_since_a_run_is_its_default_there():
     assert config_changes(old, changed) == ["train.step_decay: 0.8 -> 0.5"]
 
 
+def test_a_data_file_named_relative_or_absolute_is_the_same_source(tmp_path, monkeypatch):
+    """`bundle --run` names the shipped data absolutely where a recipe run named it relatively: the same
+    file is no change, another file is."""
+    from draftforge.train.trainer import config_changes, flat_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    relative = flat_config(load_config(None, ["data.sources=[a.jsonl]"]))
+    absolute = flat_config(load_config(None, [f"data.sources=[{tmp_path / 'a.jsonl'}]"]))
+    other = flat_config(load_config(None, ["data.sources=[b.jsonl]"]))
+    assert config_changes(relative, absolute) == []
+    assert config_changes(relative, other) == ["data.sources: ['a.jsonl'] -> ['b.jsonl']"]
+
+
 def test_resume_refuses_a_position_keyed_optimizer_state(tmp_path, tiny_target_dir, small_conversations, env):
     """Checkpoints from before the optimizer state was keyed by parameter name export but cannot resume:
     say so, instead of failing deep inside torch."""
