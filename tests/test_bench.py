@@ -159,6 +159,19 @@ def test_gpu_engine_commands(tmp_path):
     assert "--speculative" not in plain
 
 
+def test_prompt_lookup_is_served_as_vllms_ngram_method(tmp_path):
+    """`bench --draft ngram` measures the free baseline in the engine: vLLM's own n-gram prompt lookup with
+    the sizes eval's replay uses, drafting as many tokens as the config's steps; SGLang is refused."""
+    from draftforge.eval.ngram import NGRAM
+
+    vllm = make_server("vllm", tmp_path / "target", steps=3, port=8123, prompt_lookup=NGRAM).command
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": NGRAM[0],
+                       "prompt_lookup_max": NGRAM[1]})
+    assert f"--speculative-config '{spec}'" in vllm
+    with pytest.raises(ValueError, match="benchmarked with vLLM"):
+        make_server("sglang", tmp_path / "target", steps=3, prompt_lookup=NGRAM).command
+
+
 @pytest.mark.vllm
 def test_bench_launch_baseline_and_chain_on_vllm(tmp_path):
     from draftforge.assets import smollm2_dir

@@ -290,10 +290,8 @@ def ngram_run(plain_run, target_dir, prompts) -> dict:
     """vLLM's own prompt lookup (method "ngram") drafting 3 tokens, on the same prompts."""
     from draftforge.eval.ngram import NGRAM
 
-    spec = {"method": "ngram", "num_speculative_tokens": STEPS, "prompt_lookup_min": NGRAM[0],
-            "prompt_lookup_max": NGRAM[1]}
-    with VLLMServer(target_dir, enforce_eager=True, kv_cache_gib=2, log_path=plain_run["root"] / "ngram.log",
-                    extra_args=[*SERVER_ARGS, "--speculative-config", json.dumps(spec)]) as server:
+    with VLLMServer(target_dir, num_speculative_tokens=STEPS, enforce_eager=True, kv_cache_gib=2,
+                    log_path=plain_run["root"] / "ngram.log", extra_args=SERVER_ARGS, prompt_lookup=NGRAM) as server:
         run = serve_prompts(server, prompts)
         # the greedy continuation a few tokens past max_tokens, which the engine verified last drafts against
         run["longer"] = [complete(server, p, MAX_TOKENS + STEPS)[0] for p in prompts]

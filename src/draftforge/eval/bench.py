@@ -2,6 +2,7 @@
 
     draftforge bench --server http://127.0.0.1:8000 --suite mtbench --limit 20 --batch 4
     draftforge bench --launch --model smollm2 --draft DIR --configs 1,0,0,0 1,3,1,4 --suite mtbench --limit 10
+    draftforge bench --launch --model smollm2 --draft ngram --configs 1,3,1,4 --suite mtbench   # prompt lookup
 
 Each conversation is replayed like `eval` does: turn i is asked after the server's own answers to
 turns < i. `batch` conversations are in flight at once (a closed loop of `batch` clients).
@@ -33,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from draftforge.eval.ngram import NGRAM
 from draftforge.eval.suites import Conversation, load_suite
 from draftforge.serving.http import TransientError, api_url, discover_model, error_message, http_request
 from draftforge.serving.metrics import read_spec_metrics, spec_acceptance, spec_delta
+
+NGRAM_DRAFT = "ngram"  # --draft value for vLLM's n-gram prompt lookup, sized NGRAM (eval/ngram.py)
 
 
 class BenchError(RuntimeError):
@@ -234,8 +238,10 @@ def launch_and_bench(args: argparse.Namespace, suites: Sequence[Any]) -> tuple[d
     answers: dict[str, dict[str, list[Answer]]] = {}
     meta: dict[str, Any] = {"engine": engine, "model": model, "commands": {}, "startup_s": {}}
     for cfg in configs:
-        server = make_server(engine, model, args.draft if cfg.steps else None, steps=cfg.steps, topk=cfg.topk,
-                             draft_tokens=cfg.draft_tokens if cfg.steps else None, dtype=args.dtype,
+        lookup = args.draft == NGRAM_DRAFT and cfg.steps > 0
+        server = make_server(engine, model, args.draft if cfg.steps and not lookup else None, steps=cfg.steps,
+                             topk=cfg.topk, draft_tokens=cfg.draft_tokens if cfg.steps else None, dtype=args.dtype,
+                             prompt_lookup=NGRAM if lookup else None,
                              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                              log_path=out_dir / f"{Path(args.out).stem}-engine-{cfg.key.replace(',', '_')}.log")
         meta["commands"][cfg.key] = server.command
@@ -269,7 +275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launch", action="store_true", help="start the server for each of --configs")
     parser.add_argument("--model", help="with --launch: target dir (smollm2 = packaged); else the model name to "
                                         "request (default: the first /v1/models lists)")  # fmt: skip
-    parser.add_argument("--draft", help="with --launch: exported EAGLE-3 draft directory")
+    parser.add_argument("--draft", help="with --launch: exported draft directory, or `ngram` for vLLM's n-gram "
+                        "prompt lookup (the free baseline a draft must beat)")
     parser.add_argument("--configs", nargs="+", default=["1,0,0,0", "1,3,1,4"],
                         help="with --launch: batch,steps,topk,draft_tokens ... (1,0,0,0 = no speculation)")
     parser.add_argument("--batch", type=int, default=1, help="without --launch: conversations in flight")

@@ -85,10 +85,12 @@ class EngineServer:
         log_path: str | os.PathLike | None = None,
         startup_timeout: float = 900.0,
         host: str = "127.0.0.1",
+        prompt_lookup: tuple[int, int] | None = None,
     ):
         self.model_dir = str(Path(model_dir).resolve())
         self.draft_dir = str(Path(draft_dir).resolve()) if draft_dir is not None else None
         self.num_speculative_tokens = num_speculative_tokens
+        self.prompt_lookup = prompt_lookup  # (min_n, max_n): n-gram prompt lookup drafts instead of a draft model
         self.host = host
         self.port = port or free_port()
         self.dtype = dtype
@@ -228,6 +230,9 @@ class VLLMServer(EngineServer):
     engine = "vllm-cpu"
 
     def speculative_config(self) -> dict | None:
+        if self.prompt_lookup is not None:  # the free baseline a draft must beat (eval/ngram.py replays it)
+            return {"method": "ngram", "num_speculative_tokens": self.num_speculative_tokens,
+                    "prompt_lookup_min": self.prompt_lookup[0], "prompt_lookup_max": self.prompt_lookup[1]}
         if self.draft_dir is None:
             return None
         from draftforge.layouts import is_dflash
@@ -283,6 +288,8 @@ class SGLangServer(EngineServer):
                 "--random-seed", str(self.seed)]  # fmt: skip
         if self.enforce_eager:
             argv.append("--disable-cuda-graph")
+        if self.prompt_lookup is not None:
+            raise ValueError("n-gram prompt lookup is benchmarked with vLLM (--engine vllm or vllm-cpu)")
         if self.draft_dir is not None:
             argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", self.draft_dir,
                      "--speculative-num-steps", str(self.num_speculative_tokens),
