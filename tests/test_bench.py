@@ -169,7 +169,7 @@ def test_prompt_lookup_is_served_as_vllms_ngram_method(tmp_path):
                        "prompt_lookup_max": NGRAM[1]})
     assert f"--speculative-config '{spec}'" in vllm
     with pytest.raises(ValueError, match="benchmarked with vLLM"):
-        make_server("sglang", tmp_path / "target", steps=3, prompt_lookup=NGRAM).command
+        _ = make_server("sglang", tmp_path / "target", steps=3, prompt_lookup=NGRAM).command
 
 
 @pytest.mark.vllm
