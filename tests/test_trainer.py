@@ -155,3 +155,15 @@ def test_draft_learns_on_a_tiny_target(tmp_path, tiny_target_dir, small_conversa
     first, last = history[:5], history[-5:]
     assert mean("loss", last) < 0.7 * mean("loss", first)
     assert mean("acc_0", last) > mean("acc_0", first) + 0.03
+
+
+def test_an_epoch_with_fewer_token_budget_batches_than_the_first_wraps():
+    """Epoch 1's shuffle can pack into fewer batches than epoch 0's, which sets the epoch length: its
+    missing positions wrap to its first batches instead of raising IndexError."""
+    from types import SimpleNamespace
+
+    from draftforge.train.trainer import Trainer
+
+    epochs = {0: [[0], [1], [2]], 1: [[5, 6], [7]]}
+    fake = SimpleNamespace(batches_per_epoch=3, _epoch_batches=epochs.__getitem__)
+    assert [Trainer._positions(fake, n) for n in range(6)] == [[0], [1], [2], [5, 6], [7], [5, 6]]

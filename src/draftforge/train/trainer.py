@@ -203,9 +203,12 @@ class Trainer:
         return self._epochs[epoch]
 
     def _positions(self, number: int) -> list[int]:
-        """Train-set positions of global micro-batch `number`."""
+        """Train-set positions of global micro-batch `number`. Each epoch counts as long as epoch 0; a
+        reshuffled epoch can group into fewer token-budget batches, and then wraps to its first ones
+        (a 60-minute SmolLM2 run crashed in its 6th epoch before)."""
         epoch, pos = divmod(number, self.batches_per_epoch)
-        return self._epoch_batches(epoch)[pos]
+        batches = self._epoch_batches(epoch)
+        return batches[pos % len(batches)]
 
     def _numbers(self, first: int) -> list[int]:
         """This rank's micro-batch numbers of the optimizer step that starts at global position `first`."""
