@@ -93,20 +93,21 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     retired since the run (RETIRED_KEYS) are not differences, and a key added since is read as its
     default there (a new setting's default keeps what older runs computed)."""
     old = {**flat_config(RunConfig()), **old}
-    same = {"data.sources": lambda a, b: _files(a) == _files(b)}
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
         if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS
-        and not same.get(k, lambda a, b: json.dumps(a) == json.dumps(b))(old.get(k), new.get(k))
+        and json.dumps(_comparable(k, old.get(k))) != json.dumps(_comparable(k, new.get(k)))
     ]
 
 
-def _files(sources: Any) -> list[str]:
-    """Data sources as the files they name: a path written relative or absolute is the same source
-    (`bundle --run` names the shipped data absolutely; the recipe relatively). Contents are checked apart,
-    by the run's data identity."""
-    return [str(Path(s).resolve()) if Path(s).exists() else s for s in sources or []]
+def _comparable(key: str, value: Any) -> Any:
+    """A setting as resume compares it: data sources as the files they name, so a path written relative
+    or absolute is the same source (`bundle --run` names the shipped data absolutely; a recipe
+    relatively). Contents are checked apart, by the run's data identity."""
+    if key != "data.sources":
+        return value
+    return [str(Path(s).resolve()) if Path(s).exists() else s for s in value or []]
 
 
 class TTTModel(nn.Module):
