@@ -23,10 +23,9 @@ from draftforge.pipeline import CHAIN, TREE, repo_root
 
 START, END = "<!-- bundle:start -->", "<!-- bundle:end -->"
 # Recipes whose target runs on this machine: the model eval/bench load, and the data the row trains on.
-TRAINABLE = {
-    "smollm2-135m": {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
-                     "data": REGENERATED},
-}
+SMOLLM2 = {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
+           "data": REGENERATED}
+TRAINABLE = {"smollm2-135m": SMOLLM2, "smollm2-135m-hour": SMOLLM2}
 
 
 def results_dir() -> Path:
