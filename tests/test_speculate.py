@@ -17,9 +17,12 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from draftforge.decode.draft_dir import load_draft_dir
+from draftforge.decode.eagle3 import SpeculativeDecoder
+from draftforge.decode.plain import plain_generate
+from draftforge.decode.spec import SpecConfig, SpecStats
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
-from draftforge.eval.speculate import SpecConfig, SpecStats, SpeculativeDecoder, load_draft_dir, plain_generate
 from draftforge.export.formats import export_draft
 
 sys.path.insert(0, str(Path(__file__).parent))
