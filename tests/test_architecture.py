@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("draftforge.draft",),
     ("draftforge.train",),
     ("draftforge.export",),
-    ("draftforge.decode",),  # the speculative decoder as a library (issue 15: out of eval/speculate.py)
+    ("draftforge.decode",),  # the built-in speculative decoder as a library
     ("draftforge.eval",),
     ("draftforge.recipe", "draftforge.pipeline", "draftforge.demo", "draftforge.bundle"),
     ("draftforge.cli",),  # reaches every command by name through importlib, so it imports none of them here

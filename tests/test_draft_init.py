@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from draftforge.decode.draft_dir import load_draft_dir
 from draftforge.draft.model import Eagle3Draft, fold_tap_scales
-from draftforge.eval.speculate import load_draft_dir
 from draftforge.export.formats import check_draft_dir, export_draft
 from draftforge.target.hf import HFTarget
 from draftforge.train.setup import build_training

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draftforge.cli import main
+from draftforge.decode.draft_dir import load_draft_dir
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
-from draftforge.eval.speculate import load_draft_dir
 from draftforge.export.formats import check_draft_dir, export_draft
 from draftforge.train.checkpoint import save_checkpoint
 from tests.tiny_models import tiny_model

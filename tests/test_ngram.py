@@ -55,7 +55,10 @@ def test_eval_reports_lookup_tau_of_the_greedy_answers(tiny_target_dir, smollm2_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from draftforge.eval.speculate import SpecConfig, SpeculativeDecoder, eos_ids, evaluate_suite, plain_generate
+    from draftforge.decode.eagle3 import SpeculativeDecoder
+    from draftforge.decode.plain import eos_ids, plain_generate
+    from draftforge.decode.spec import SpecConfig
+    from draftforge.eval.evaluate import evaluate_suite
     from draftforge.eval.suites import Conversation, render
     from tests.test_speculate import random_draft
 

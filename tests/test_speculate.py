@@ -17,9 +17,12 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from draftforge.decode.draft_dir import load_draft_dir
+from draftforge.decode.eagle3 import SpeculativeDecoder
+from draftforge.decode.plain import plain_generate
+from draftforge.decode.spec import SpecConfig, SpecStats
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
-from draftforge.eval.speculate import SpecConfig, SpecStats, SpeculativeDecoder, load_draft_dir, plain_generate
 from draftforge.export.formats import export_draft
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -200,6 +203,38 @@ def test_caches_after_cycles_equal_a_fresh_prefill():
             torch.testing.assert_close(mine[b][:, slots], ref[0])
         for layer, ref_layer in zip(st.cache.layers, fresh.cache.layers, strict=True):
             torch.testing.assert_close(layer.keys[b][:, slots], ref_layer.keys[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_chains_match_the_reference_decoder(family, monkeypatch):
+    """Greedy chains emit the tokens of decode/reference.py (no cache, full forwards) and accept the same
+    count every cycle; a rule that accepts one token too few still emits the right tokens (the bonus is
+    then the draft's token), so only the counts catch it, as the end shows."""
+    from draftforge.decode import eagle3, reference
+
+    target = tiny_model(family, dtype=torch.float64)
+    refs = plain_generate(target, PROMPTS, 32)
+    oracle = oracle_for(target, PROMPTS, refs)
+    cases = [(oracle, k, p) for k in (1, 3, 5) for p in PROMPTS] + [(random_draft(target), 3, p) for p in PROMPTS]
+    seen = []
+    for draft, k, prompt in cases:
+        tokens, accepted = reference.generate(target, draft, prompt, k, 32)
+        out = SpeculativeDecoder(target, draft).generate([prompt], SpecConfig(1, k, 1, k + 1), 32)
+        assert out.tokens == [tokens] and out.stats.accepted == accepted, (family, k, prompt)
+        seen += accepted if draft is oracle else []
+    assert tokens == refs[-1] and min(seen) == 0 and max(seen) >= 3  # rejections, partial and whole chains
+
+    walk = eagle3.walk_tree
+
+    def one_short(tokens, parent, depth, y):
+        path, n, _ = walk(tokens, parent, depth, y)
+        n = (n - 1).clamp(min=0)
+        return path, n, y.gather(1, path.gather(1, n[:, None]))[:, 0]
+
+    monkeypatch.setattr(eagle3, "walk_tree", one_short)
+    out = SpeculativeDecoder(target, oracle).generate([PROMPTS[2]], SpecConfig(1, 3, 1, 4), 32)
+    tokens, accepted = reference.generate(target, oracle, PROMPTS[2], 3, 32)
+    assert out.tokens == [tokens] and out.stats.accepted != accepted
 
 
 # ---- sampling ------------------------------------------------------------------------------------------

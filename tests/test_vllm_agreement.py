@@ -195,7 +195,10 @@ def builtin_run(trained_draft, target_dir, tokenizer, prompts) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from draftforge.eval.speculate import SpecConfig, SpecStats, SpeculativeDecoder, eos_ids, load_draft_dir
+    from draftforge.decode.draft_dir import load_draft_dir
+    from draftforge.decode.eagle3 import SpeculativeDecoder
+    from draftforge.decode.plain import eos_ids
+    from draftforge.decode.spec import SpecConfig, SpecStats
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()

@@ -82,8 +82,10 @@ def builtin_run(trained_draft, target_dir, tokenizer, prompts) -> dict:  # noqa:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from draftforge.eval.block_decode import BlockDecoder, load_dflash_dir
-    from draftforge.eval.speculate import SpecConfig, SpecStats, eos_ids
+    from draftforge.decode.dflash import BlockDecoder
+    from draftforge.decode.draft_dir import load_dflash_dir
+    from draftforge.decode.plain import eos_ids
+    from draftforge.decode.spec import SpecConfig, SpecStats
 
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     eos = eos_ids(tokenizer, model)

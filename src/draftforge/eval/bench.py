@@ -224,7 +224,7 @@ def check_configs(engine: str, configs: Sequence[Any]) -> None:
 def launch_and_bench(args: argparse.Namespace, suites: Sequence[Any]) -> tuple[dict, dict]:
     """Start the engine for each config in turn and benchmark it; (results, meta)."""
     from draftforge.assets import resolve_model_path
-    from draftforge.eval.speculate import SpecConfig
+    from draftforge.decode.spec import SpecConfig
     from draftforge.serving.engines import detect_engine, make_server
 
     engine = detect_engine() if args.engine == "auto" else args.engine

@@ -12,8 +12,12 @@ from typing import Any
 
 import torch
 
+from draftforge.decode.draft_dir import load_dflash_dir, load_draft_dir
+from draftforge.decode.eagle3 import SpeculativeDecoder
+from draftforge.decode.plain import plain_generate
+from draftforge.decode.spec import SpecConfig
+from draftforge.eval.evaluate import evaluate_suite
 from draftforge.eval.ngram import NGRAM
-from draftforge.eval.speculate import SpecConfig, SpeculativeDecoder, evaluate_suite, load_draft_dir, plain_generate
 from draftforge.layouts import is_dflash
 from draftforge.target.base import DTYPES
 
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for finding in check_draft_dir(args.draft, model.config.to_dict()):  # what an engine would object to
         print(f"{finding.level.upper():5} {args.draft}: {finding.message}")
     if is_dflash(json.loads((Path(args.draft) / "config.json").read_text())):  # a block draft (docs/dflash.md)
-        from draftforge.eval.block_decode import BlockDecoder, load_dflash_dir
+        from draftforge.decode.dflash import BlockDecoder
 
         draft = load_dflash_dir(args.draft, model, dtype)
         decoder = BlockDecoder(model, draft)

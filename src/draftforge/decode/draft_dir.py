@@ -1,0 +1,143 @@
+"""Load an exported draft directory the way an engine does (EAGLE-3: SGLang / vLLM / speculators
+layouts; DFlash: vLLM's `qwen3_dflash`), so the built-in decoder measures what a server would run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from draftforge.draft.config import DraftModelConfig, target_rope
+from draftforge.draft.dflash import DFlashDraft
+from draftforge.draft.model import Eagle3Draft
+from draftforge.export.dflash_export import read_config
+from draftforge.export.formats import aux_layer_ids_of
+from draftforge.target.hf import text_config
+
+
+def load_draft_dir(
+    path: str | Path, target_model: nn.Module | None = None, dtype: torch.dtype = torch.float32
+) -> Eagle3Draft:
+    """Build the draft from an exported directory the way SGLang / vLLM do.
+
+    Shape and RoPE come from config.json (the speculators layout keeps them in
+    `transformer_layer_config`); aux taps from the top-level `eagle_aux_hidden_state_layer_ids`
+    (HF index, what vLLM reads), else SGLang's `eagle_config` ids + 1; `d2t` / `t2d` from the
+    weights; the embedding from the target, never from the directory.
+    """
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    layer = dict(config)
+    prefix = "midlayer."
+    if config.get("speculators_model_type") == "eagle3":
+        layer = {**config.get("transformer_layer_config", {})}
+        for key in ("draft_vocab_size", "target_hidden_size"):
+            if key in config:
+                layer[key] = config[key]
+        prefix = "layers.0."
+    aux = aux_layer_ids_of(config)
+    if aux is None:
+        if target_model is None:
+            raise ValueError(f"{path}: no aux layer ids in config.json and no target to derive the default from")
+        n = text_config(target_model.config).num_hidden_layers
+        aux = [2, n // 2, n - 3]  # what engines silently fall back to; `export --check` flags it
+    theta, scaling = target_rope(_Attrs(layer))
+    heads = int(layer["num_attention_heads"])
+    cfg = DraftModelConfig(
+        hidden_size=int(layer["hidden_size"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(layer.get("num_key_value_heads") or heads),
+        head_dim=int(layer.get("head_dim") or layer["hidden_size"] // heads),
+        intermediate_size=int(layer["intermediate_size"]),
+        rms_norm_eps=float(layer.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(layer.get("max_position_embeddings", 2048)),
+        vocab_size=int(layer["vocab_size"]),
+        draft_vocab_size=int(layer.get("draft_vocab_size", layer["vocab_size"])),
+        target_hidden_size=int(layer.get("target_hidden_size") or layer["hidden_size"]),
+        aux_layer_ids=list(aux),
+        hidden_act=layer.get("hidden_act", "silu"),
+    )
+    weights: dict[str, Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(f))
+    state = {k.replace(prefix, "midlayer.", 1) if k.startswith(prefix) else k: v for k, v in weights.items()}
+    state.pop("embed_tokens.weight", None)  # engines share the target's embedding
+    draft = Eagle3Draft(cfg)
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "embed_tokens.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing weights {missing}, unexpected weights {unexpected}")
+    draft.set_vocab_mapping(state["d2t"], state["t2d"])  # re-checks that d2t and t2d agree
+    if target_model is not None:
+        tcfg = text_config(target_model.config)
+        if cfg.target_hidden_size != tcfg.hidden_size or cfg.vocab_size != tcfg.vocab_size:
+            raise ValueError(
+                f"{path}: draft expects target hidden {cfg.target_hidden_size} / vocab {cfg.vocab_size}, "
+                f"target has {tcfg.hidden_size} / {tcfg.vocab_size}"
+            )
+        if not all(0 <= i < tcfg.num_hidden_layers for i in cfg.aux_layer_ids):
+            raise ValueError(f"{path}: aux ids {cfg.aux_layer_ids} outside the target's layers")
+        draft.load_target_embedding(target_model.get_input_embeddings().weight.detach().float())
+        device = target_model.get_input_embeddings().weight.device
+        draft = draft.to(device)
+    return draft.to(dtype).eval().requires_grad_(False)
+
+
+class _Attrs:
+    """A dict seen as a config object (for `target_rope`, which reads attributes)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+def load_dflash_dir(path: str | Path, target_model: nn.Module | None = None,
+                    dtype: torch.dtype = torch.float32) -> DFlashDraft:
+    """Build the draft from an exported directory as vLLM does: shape, RoPE, mask token and taps from
+    config.json, weights from safetensors, embedding (and a full-vocabulary head) from the target.
+    Equal k_norm weights load as one shared k_norm; distinct ones are kept per layer."""
+    path = Path(path)
+    cfg = read_config(json.loads((path / "config.json").read_text()))
+    state: dict[str, Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    state.pop("embed_tokens.weight", None)
+    norms = [state.get(f"layers.{n}.self_attn.k_norm.weight") for n in range(cfg.num_layers)]
+    cfg.shared_k_norm = all(w is not None and torch.equal(w, norms[0]) for w in norms)
+    if cfg.shared_k_norm:
+        for n in range(1, cfg.num_layers):
+            del state[f"layers.{n}.self_attn.k_norm.weight"]
+    draft = DFlashDraft(cfg)
+    d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m not in ("embed_tokens.weight", "d2t", "t2d")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing weights {missing}, unexpected weights {unexpected}")
+    if not cfg.full_vocab:
+        if d2t is None:
+            raise ValueError(f"{path}: a reduced-vocabulary draft without d2t")
+        ids = d2t.long() + torch.arange(len(d2t))
+        if t2d is None:
+            t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool).index_fill_(0, ids.clamp(0, cfg.vocab_size - 1), True)
+        draft.set_vocab_mapping(d2t, t2d)
+    if target_model is not None:
+        tcfg = text_config(target_model.config)
+        if cfg.hidden_size != tcfg.hidden_size or cfg.vocab_size != tcfg.vocab_size:
+            raise ValueError(f"{path}: draft expects target hidden {cfg.hidden_size} / vocab {cfg.vocab_size}, "
+                             f"target has {tcfg.hidden_size} / {tcfg.vocab_size}")
+        if not all(0 <= i < tcfg.num_hidden_layers for i in cfg.aux_layer_ids):
+            raise ValueError(f"{path}: taps {cfg.aux_layer_ids} (HF index) outside the target's layers")
+        draft.load_target_embedding(target_model.get_input_embeddings().weight.detach().float())
+        draft = draft.to(target_model.get_input_embeddings().weight.device)
+    draft = draft.to(dtype).eval().requires_grad_(False)
+    if target_model is not None:
+        draft.load_target_head(target_model.get_output_embeddings().weight.detach().to(dtype))
+    return draft

@@ -1,0 +1,117 @@
+"""The target, driven with our own masks and positions, and the KV-cache surgery the decoders share.
+
+Cache slots are never shifted per row: a validity mask and explicit per-slot positions make holes
+(left padding, a row that accepted fewer tokens than the longest one) invisible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from draftforge.target.hf import decoder_layers, text_config
+
+
+class TargetRunner:
+    """An HF causal LM called with a DynamicCache, explicit positions and a 4D mask; aux taps by pre-hooks.
+
+    The mask is additive float (0 / dtype min): eager and sdpa attention both take it. Models with
+    sliding-window layers get one mask per layer type (the dict their forward accepts); a
+    model whose every layer slides (Mistral) gets the window folded into its single mask.
+    """
+
+    def __init__(self, model: nn.Module, aux_layers: Sequence[int]) -> None:
+        self.model = model.eval().requires_grad_(False)
+        cfg = text_config(model.config)
+        self.layers = decoder_layers(model)
+        self.aux_layers = list(aux_layers)
+        self.window = getattr(cfg, "sliding_window", None)
+        self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or []))
+        if set(self.layer_types) - {"full_attention", "sliding_attention"}:
+            raise NotImplementedError(f"layer types {self.layer_types} are not supported by the built-in decoder")
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.device = model.get_input_embeddings().weight.device
+        self._taps: dict[int, Tensor] = {}
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            self._taps[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def mask(self, attend: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor | dict[str, Tensor]:
+        """attend [B, T, K] bool -> what the model's forward takes as attention_mask."""
+
+        def additive(a: Tensor) -> Tensor:
+            zero = torch.zeros((), dtype=self.dtype, device=a.device)
+            return torch.where(a, zero, torch.finfo(self.dtype).min)[:, None]
+
+        if not self.window or self.layer_types == ["full_attention"]:
+            return additive(attend)
+        sliding = attend & ((q_pos[:, :, None] - k_pos[:, None, :]) < self.window)
+        if not self.layer_types:  # every layer slides
+            return additive(sliding)
+        return {t: additive(sliding if t == "sliding_attention" else attend) for t in self.layer_types}
+
+    def forward(
+        self, ids: Tensor, q_pos: Tensor, cache: DynamicCache, attend: Tensor, k_pos: Tensor, logits_to_keep: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """(logits [B, T or keep, V], aux [B, T, 3*H_t]); appends T entries to `cache`."""
+        handles = [self.layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in self.aux_layers]
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask(attend, q_pos, k_pos),
+                position_ids=q_pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        # the same layer may be tapped twice (default taps of a shallow model), so read, then clear
+        aux = torch.cat([self._taps[i] for i in self.aux_layers], dim=-1) if self.aux_layers else ids.new_empty(0)
+        self._taps.clear()
+        return out.logits, aux
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A prompt batch, left padded: ids, valid [B, P] (not padding), positions [B, P] and the prefill's
+    `attend` [B, P, P]: causal over valid keys, and every query sees itself. HF's padding masks leave pad
+    queries with no key at all, which turns into NaN keys and values in the cache for some families
+    (Gemma-2, eager attention) and poisons the whole row."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError("empty prompt")
+        ids[b, width - len(p) :] = torch.as_tensor(list(p))
+        valid[b, width - len(p) :] = True
+    ids, valid = ids.to(device), valid.to(device)
+    pos = (valid.cumsum(1) - 1).clamp(min=0)
+    eye = torch.eye(width, dtype=torch.bool, device=device)
+    attend = (torch.ones(width, width, dtype=torch.bool, device=device).tril() & valid[:, None, :]) | eye
+    return ids, valid, pos, attend
+
+
+def _gather_seq(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, H, S, D], index [B, R] -> x[b, :, index[b], :]."""
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def keep_cache(cache: DynamicCache, keep_from: int, index: Tensor) -> None:
+    """Keep slots [0, keep_from) and, after them, the slots keep_from + index[b] of each row."""
+    for layer in cache.layers:
+        layer.keys = torch.cat([layer.keys[:, :, :keep_from], _gather_seq(layer.keys, keep_from + index)], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :keep_from], _gather_seq(layer.values, keep_from + index)], dim=2)
+
+
+def select_rows_cache(cache: DynamicCache, rows: Tensor) -> None:
+    """Keep only these batch rows (finished rows leave the batch)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
