@@ -35,9 +35,6 @@ LAYERS: list[tuple[str, ...]] = [
 KNOWN_VIOLATIONS: set[str] = {
     # train/setup.py builds the Trainer; trainer.py imports build_training back for its command.
     "cycle: draftforge.train.setup, draftforge.train.trainer",
-    # capture reuses the trainer's batching (collate) and the loss's teacher-row mask.
-    "draftforge.features.capture -> draftforge.train.loss",
-    "draftforge.features.capture -> draftforge.train.trainer",
     # warm start reads an exported draft dir's taps with export's parser.
     "draftforge.train.setup -> draftforge.export.formats",
     # recipe_memory loads a recipe to size its draft; recipe facts belong below train (issue 15).

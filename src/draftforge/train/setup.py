@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from draftforge.config import RunConfig
+from draftforge.data.batch import Batch, collate
 from draftforge.data.split import split_eval
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
@@ -22,7 +23,7 @@ from draftforge.target.base import DTYPES, TargetHead
 from draftforge.target.hf import HFTarget
 from draftforge.train.dflash_setup import build_dflash, check_family, target_taps
 from draftforge.train.distributed import Dist, in_turn, init_distributed, local
-from draftforge.train.trainer import Batch, Trainer, collate
+from draftforge.train.trainer import Trainer
 
 
 class DatasetView:

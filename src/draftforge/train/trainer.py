@@ -20,8 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from draftforge.config import RETIRED_KEYS, RunConfig, TrainConfig, load_config
+from draftforge.data.batch import Batch, collate
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import TargetFeatures, TargetHead
 from draftforge.train.batching import token_budget_batches
 from draftforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from draftforge.train.distributed import Dist, full_params, full_state, grad_sync, load_full_state, local, parallelize
-from draftforge.train.loss import step_weights, teacher_row_mask
+from draftforge.train.loss import step_weights
 from draftforge.train.optim import build_optimizer, build_scheduler
 from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_objective
 
@@ -45,40 +45,6 @@ RESUMABLE_CHANGES = {
     "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.fsdp", "train.target_tp", "data.num_workers",
 }
-
-
-@dataclass
-class Batch:
-    index: torch.Tensor  # [B] sample indices in the dataset
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    loss_mask: torch.Tensor  # [B, L]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def targets(self, steps: int) -> torch.Tensor:
-        """[steps] loss-masked tokens each TTT step predicts: step k predicts index t + 2 + k.
-        Known before any forward, so a step's objective can be normalised by its global count. A
-        target whose teacher argmax falls outside the draft vocabulary is counted but adds no loss."""
-        rows = teacher_row_mask(self.loss_mask, self.attention_mask)
-        return torch.stack([rows[:, 1 + k :].sum() for k in range(steps)])
-
-
-def collate(dataset, indices: Sequence[int]) -> Batch:
-    """Right-pad samples to the longest in the batch (padding keys then only follow valid ones)."""
-    items = [dataset[i] for i in indices]
-    length = max(len(it["input_ids"]) for it in items)
-    ids = torch.zeros(len(items), length, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    loss = torch.zeros_like(ids)
-    for row, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[row, :n] = it["input_ids"]
-        attn[row, :n] = 1
-        loss[row, :n] = it["loss_mask"]
-    return Batch(torch.tensor(list(indices)), ids, attn, loss)
 
 
 FeatureFn = Callable[[Batch], TargetFeatures]
