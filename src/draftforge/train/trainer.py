@@ -12,12 +12,10 @@ of all of them, so W ranks with grad_accum a compute the step of one process wit
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from draftforge.config import RETIRED_KEYS, RunConfig, TrainConfig, load_config
+from draftforge.config import RETIRED_KEYS, RunConfig, TrainConfig
 from draftforge.data.batch import Batch, collate
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import TargetFeatures, TargetHead
@@ -422,29 +420,3 @@ class _Stats:
         m = ttt_metrics(correct, count, loss_sum, chain, chain_base)
         loss = float((step_weights(len(count), self.decay, loss_sum) * loss_sum / count.clamp(min=1)).sum())
         return {"loss": loss, **m, "supervised": int(count[0])}
-
-
-# ---- command line -------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML run config (see recipes/); defaults train SmolLM2 on ShareGPT")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 train.lr=1e-4")
-    parser.add_argument("--force", action="store_true", help="resume even if config, data or world size changed")
-    parser.add_argument("--no-resume", action="store_true", help="refuse to start if out_dir has checkpoints")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Alone, or on every rank of `torchrun --nproc-per-node N -m draftforge.cli train ...`."""
-    from draftforge.train.setup import build_training
-
-    config = load_config(args.config, args.overrides)
-    trainer = build_training(config)
-    try:
-        if args.no_resume and trainer.latest() is not None:
-            raise SystemExit(f"{config.train.out_dir} already has checkpoints (--no-resume given)")
-        trainer.resume(force=args.force)
-        final = trainer.fit(progress=not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None)
-    finally:
-        trainer.close()
-    trainer._say(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
-    return 0
