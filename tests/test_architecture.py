@@ -33,8 +33,6 @@ LAYERS: list[tuple[str, ...]] = [
 # so remove it with the fix. "A -> B": A imports B from a layer above; "cycle: A, B": modules importing
 # each other (directly or around a longer loop).
 KNOWN_VIOLATIONS: set[str] = {
-    # recipe_memory loads a recipe to size its draft; recipe facts belong below train (issue 15).
-    "draftforge.train.memory_model -> draftforge.recipe",
     # pipeline runs eval and bench through the CLI and reads their JSON back.
     "draftforge.pipeline -> draftforge.cli",
 }

@@ -14,13 +14,12 @@ import pytest
 import yaml
 
 from draftforge.cli import main
-from draftforge.config import ConfigError, load_config
+from draftforge.config import ConfigError, load_config, load_recipe
 from draftforge.recipe import (
     build_recipe,
     choose_taps,
     dump_recipe,
     linear_layers,
-    load_recipe,
     target_facts,
     validate_recipe,
 )

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from draftforge.config import ConfigError, RunConfig, _apply, load_config
+from draftforge.config import ConfigError, RunConfig, load_recipe
 from draftforge.draft.config import DraftModelConfig
 from draftforge.target.taps import default_aux_layers
 
@@ -428,16 +428,7 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
     return {**run, "recipe": recipe}
 
 
-# ---- reading and checking recipe files --------------------------------------------------------------
-def load_recipe(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """(run config, `recipe:` section) of a recipe file; the run config is what `draftforge train` gets."""
-    tree = yaml.safe_load(Path(path).read_text()) or {}
-    meta = tree.pop("recipe", None) or {}
-    config = load_config()
-    _apply(config, tree, str(path))
-    return config, meta
-
-
+# ---- checking recipe files --------------------------------------------------------------------------
 REQUIRED: dict[str, type | tuple[type, ...]] = {
     "target": str, "family": str, "sources": list, "chat_template": str, "target_config": dict,
     "params_b": (int, float), "quirks": list, "taps": dict, "draft": dict, "data": str, "training": str,
