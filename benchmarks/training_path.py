@@ -92,10 +92,10 @@ def capture_batches(config, manifest: dict) -> list:
     """The batches capture ran: each shard's samples longest first, packed under features.capture_tokens."""
     import numpy as np
 
+    from draftforge.data.batch import collate
     from draftforge.data.template import load_tokenizer
     from draftforge.data.tokenized import build_tokenized
     from draftforge.features.capture import _pack
-    from draftforge.train.trainer import collate
 
     dataset = build_tokenized(config.data, load_tokenizer(config.target.path), config.target.path, progress=False)
     lengths = np.asarray(dataset.lengths)

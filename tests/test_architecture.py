@@ -33,15 +33,6 @@ LAYERS: list[tuple[str, ...]] = [
 # so remove it with the fix. "A -> B": A imports B from a layer above; "cycle: A, B": modules importing
 # each other (directly or around a longer loop).
 KNOWN_VIOLATIONS: set[str] = {
-    # train/setup.py builds the Trainer; trainer.py imports build_training back for its command.
-    "cycle: draftforge.train.setup, draftforge.train.trainer",
-    # capture reuses the trainer's batching (collate) and the loss's teacher-row mask.
-    "draftforge.features.capture -> draftforge.train.loss",
-    "draftforge.features.capture -> draftforge.train.trainer",
-    # warm start reads an exported draft dir's taps with export's parser.
-    "draftforge.train.setup -> draftforge.export.formats",
-    # recipe_memory loads a recipe to size its draft; recipe facts belong below train (issue 15).
-    "draftforge.train.memory_model -> draftforge.recipe",
     # pipeline runs eval and bench through the CLI and reads their JSON back.
     "draftforge.pipeline -> draftforge.cli",
 }

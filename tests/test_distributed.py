@@ -190,9 +190,9 @@ def test_tensor_parallel_target_gives_the_replicas_features(setup, ddp):
 def test_targets_are_the_rows_the_unroll_supervises():
     """Batch.targets (from masks alone) counts every row ttt_forward supervises when all teacher argmaxes are
     draft tokens, so the global normaliser needs no forward."""
+    from draftforge.data.batch import Batch
     from draftforge.draft.config import DraftModelConfig
     from draftforge.draft.model import Eagle3Draft
-    from draftforge.train.trainer import Batch
     from draftforge.train.ttt import ttt_forward
 
     g = torch.Generator().manual_seed(0)
@@ -216,8 +216,8 @@ def test_a_step_is_the_mean_over_all_its_targets(tmp_path, tiny_target_dir, smal
     """Accumulation splits a step's batch without reweighting it: two micro-batches give the gradient of their
     union as one batch (means per micro-batch would weight their targets differently)."""
     from draftforge.config import load_config
+    from draftforge.data.batch import collate
     from draftforge.train.setup import build_training
-    from draftforge.train.trainer import collate
 
     def trainer(accum: int):
         return build_training(load_config(None, overrides(tiny_target_dir, small_conversations, tmp_path / str(accum),

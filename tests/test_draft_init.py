@@ -73,6 +73,6 @@ def test_measured_scales_resume_and_export(tmp_path, tiny_target_dir, small_conv
 
 
 def trainer_batch(trainer):
-    from draftforge.train.trainer import collate
+    from draftforge.data.batch import collate
 
     return collate(trainer.train_set, trainer.upcoming(1)[0])

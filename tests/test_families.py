@@ -11,8 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from draftforge.cli import main
+from draftforge.config import load_recipe
 from draftforge.export.formats import export_draft
-from draftforge.recipe import SHAPE_KEYS, linear_layers, load_recipe, validate_recipe
+from draftforge.recipe import SHAPE_KEYS, validate_recipe
+from draftforge.target.facts import linear_layers
 from draftforge.train.setup import build_training
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, family_config
 

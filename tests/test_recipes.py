@@ -14,16 +14,9 @@ import pytest
 import yaml
 
 from draftforge.cli import main
-from draftforge.config import ConfigError, load_config
-from draftforge.recipe import (
-    build_recipe,
-    choose_taps,
-    dump_recipe,
-    linear_layers,
-    load_recipe,
-    target_facts,
-    validate_recipe,
-)
+from draftforge.config import ConfigError, load_config, load_recipe
+from draftforge.recipe import build_recipe, choose_taps, dump_recipe, validate_recipe
+from draftforge.target.facts import linear_layers, target_facts
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, family_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))

@@ -37,7 +37,7 @@ def measured_rows() -> dict[str, dict[str, Any]]:
 
 
 def _recipe_row(path: Path) -> dict[str, Any]:
-    from draftforge.recipe import load_recipe
+    from draftforge.config import load_recipe
 
     config, meta = load_recipe(path)
     known = TRAINABLE.get(path.stem) or next((t for t in TRAINABLE.values() if t["model"] == config.target.path), {})

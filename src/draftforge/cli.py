@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("draftforge.data.inspect", "show a tokenised sample with its supervised tokens highlighted"),
     "vocab": ("draftforge.data.vocab", "select the draft vocabulary (d2t / t2d) from assistant tokens"),
     "capture": ("draftforge.features.capture", "run the target once and write a feature store for offline training"),
-    "train": ("draftforge.train.trainer", "train an EAGLE-3 or DFlash draft (online target, or a feature store)"),
+    "train": ("draftforge.train.command", "train an EAGLE-3 or DFlash draft (online target, or a feature store)"),
     "export": ("draftforge.export.formats", "export a checkpoint for SGLang / vLLM, or --check a draft dir"),
     "eval": ("draftforge.eval.command", "measure acceptance length and speedup with the built-in decoder"),
     "serve": ("draftforge.serving.serve", "start a local vLLM / SGLang server for a target, with or without a draft"),

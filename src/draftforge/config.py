@@ -173,3 +173,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, key = dotted.split(".", 1)
         _apply(config, {section: {key: yaml.safe_load(raw)}}, f"override {item!r}")
     return config
+
+
+def load_recipe(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """(run config, `recipe:` section) of a recipe file (`draftforge recipe` writes them); the run config is
+    what `draftforge train --config` gets. Here, beside load_config, so any layer may size or list a recipe."""
+    return load_config(path), (yaml.safe_load(Path(path).read_text()) or {}).get("recipe") or {}

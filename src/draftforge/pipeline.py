@@ -23,12 +23,10 @@ def repo_root() -> Path:
 
 def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
     """Train (resuming from out/train when a run was stopped); returns the final metrics and where things are."""
-    from draftforge.train.setup import build_training
+    from draftforge.train.command import train as run_training
     from draftforge.train.tracking import plot_tau_curve
 
-    trainer = build_training(config)
-    trainer.resume()
-    trainer.fit(progress=progress)
+    trainer, _ = run_training(config, progress)
     final = last_metrics(trainer.out / "metrics.jsonl")  # also right when the run had finished before
     curve = plot_tau_curve(trainer.out / "metrics.jsonl", out / "tau_curve.png")
     return {

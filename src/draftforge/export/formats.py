@@ -21,14 +21,20 @@ from safetensors.torch import load_file, save_file
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import fold_tap_scales
 from draftforge.export.findings import Finding, check_vocab_map, tensor_layout
-from draftforge.layouts import is_dflash
+from draftforge.layouts import (
+    MIDLAYER,
+    SPECULATORS_LAYER,
+    aux_layer_ids_of,  # noqa: F401  eval/speculate.py imports it from here (issue 15)
+    eagle3_layer,
+    is_dflash,
+)
 from draftforge.target.base import DTYPES
 
 FORMATS = ("sglang", "vllm", "speculators")
 EAGLE3_ARCHS = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM"}
 
 
-def expected_shapes(cfg: DraftModelConfig, prefix: str = "midlayer.") -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: DraftModelConfig, prefix: str = MIDLAYER) -> dict[str, tuple[int, ...]]:
     """Every tensor an engine loads for an EAGLE-3 Llama draft, with its shape."""
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -124,14 +130,6 @@ def launch_readme(out: Path, fmt: str, target: str, steps: int = 3) -> str:
     return body
 
 
-def aux_layer_ids_of(config: dict[str, Any]) -> list[int] | None:
-    """The taps a draft dir declares, in HF index: vLLM's top-level field, else SGLang's eagle_config + 1."""
-    if config.get("eagle_aux_hidden_state_layer_ids") is not None:
-        return list(config["eagle_aux_hidden_state_layer_ids"])
-    nested = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    return None if nested is None else [i + 1 for i in nested]
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, or a run dir (its latest checkpoint)."""
     from draftforge.train.checkpoint import latest_checkpoint
@@ -167,7 +165,7 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
         if tensor.is_floating_point():
             tensor = tensor.to(DTYPES[dtype])
         if fmt == "speculators":
-            name = name.replace("midlayer.", "layers.0.")
+            name = name.replace(MIDLAYER, SPECULATORS_LAYER)
         tensors[name] = tensor.contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -177,17 +175,6 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
 
 
 # ---- check ----------------------------------------------------------------------------------------
-def _draft_config_from_export(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """(llama-style fields, weight prefix) of any EAGLE-3 draft config we know."""
-    if config.get("speculators_model_type") == "eagle3":
-        layer = dict(config.get("transformer_layer_config") or {})
-        for key in ("draft_vocab_size", "target_hidden_size"):
-            if key in config:
-                layer[key] = config[key]
-        return layer, "layers.0."
-    return config, "midlayer."
-
-
 def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = None) -> list[Finding]:
     """What SGLang or vLLM would reject or silently misread in a draft directory."""
     path = Path(path)
@@ -207,7 +194,7 @@ def check_draft_dir(path: str | Path, target_config: dict[str, Any] | None = Non
 
     if is_dflash(config):
         return check_dflash_dir(path, config, files, target_config)
-    layer, prefix = _draft_config_from_export(config)
+    layer, prefix = eagle3_layer(config)
     archs = config.get("architectures") or []
     if config.get("speculators_model_type") == "eagle3":
         if config.get("norm_before_residual") is None:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from draftforge.config import ConfigError, RunConfig, load_config
+from draftforge.data.batch import collate, teacher_row_mask
 from draftforge.features.store import (
     FORMAT,
     STORE_DTYPES,
@@ -48,7 +49,6 @@ from draftforge.features.store import (
     write_shard,
 )
 from draftforge.target.base import DTYPES
-from draftforge.train.loss import teacher_row_mask
 
 
 def _ranks() -> tuple[int, int, int]:
@@ -109,8 +109,6 @@ def open_manifest(root: Path, fresh: dict[str, Any], calibrate: Callable[[], dic
 @torch.no_grad()
 def calibrate(target, dataset, store_dtype: str, tokens: int, device: torch.device) -> dict[str, list[float]]:
     """int8 channel divisors from the first `tokens` tokens of the data (one forward); {} otherwise."""
-    from draftforge.train.trainer import collate
-
     if store_dtype != "int8":
         return {}
     ends = np.cumsum(np.asarray(dataset.lengths))
@@ -159,8 +157,6 @@ def _pack(order: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]
 def capture_shard(target, dataset, start: int, end: int, manifest: dict[str, Any], capture_tokens: int,
                   device: torch.device, bar) -> dict[str, torch.Tensor]:
     """Features of samples [start, end): target forwards over length-sorted batches, stored in sample order."""
-    from draftforge.train.trainer import collate
-
     store_dtype = manifest["layout"]["store_dtype"]
     channel = {k: torch.tensor(v) for k, v in manifest.get("calibration", {}).items()}
     lengths = np.asarray(dataset.lengths)

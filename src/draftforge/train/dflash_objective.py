@@ -22,9 +22,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from draftforge.data.batch import teacher_row_mask
 from draftforge.draft.dflash import DFlashDraft
 from draftforge.target.base import TargetHead
-from draftforge.train.loss import fused_linear_soft_ce, step_weights, teacher_row_mask, teacher_targets
+from draftforge.train.loss import fused_linear_soft_ce, step_weights, teacher_targets
 from draftforge.train.ttt import TTTOutput
 
 

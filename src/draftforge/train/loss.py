@@ -25,17 +25,6 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def teacher_row_mask(loss_mask: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """bool, loss_mask's shape [..., L]: the indices u whose next token x[u+1] is a valid assistant
-    token, i.e. the target rows the teacher reads. TTT step k supervises index u - 1 - k of each."""
-    nxt = loss_mask[..., 1:].bool()
-    if attention_mask is not None:
-        nxt = nxt & attention_mask[..., 1:].bool()
-    rows = torch.zeros(loss_mask.shape, dtype=torch.bool, device=loss_mask.device)
-    rows[..., :-1] = nxt
-    return rows
-
-
 @dataclass
 class TeacherTargets:
     probs: Tensor  # [N, Dv] target softmax over the draft vocabulary (compute dtype)

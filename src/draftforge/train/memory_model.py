@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from draftforge.config import load_recipe
 from draftforge.draft.attention import BLOCK
 from draftforge.draft.config import DraftModelConfig
 from draftforge.target.base import DTYPES
@@ -296,8 +297,6 @@ def measured_peaks(step: Callable[[], object]) -> dict[str, int]:
 def recipe_shape(path: str | Path) -> tuple[DraftModelConfig, dict[str, Any]]:
     """The draft shape a recipe derives, and its training settings: TTT steps, precision, gradient
     accumulation, feature / head dtype sizes, and the target's other weights when it trains online."""
-    from draftforge.recipe import load_recipe
-
     run, meta = load_recipe(path)
     shape = dict(meta["draft"]["shape"], aux_layer_ids=run.target.aux_layers or meta["taps"]["hf_hidden_states"])
     cfg, head_bytes = DraftModelConfig(**shape), DTYPES[run.target.dtype].itemsize

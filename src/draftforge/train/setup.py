@@ -15,14 +15,16 @@ import numpy as np
 import torch
 
 from draftforge.config import RunConfig
+from draftforge.data.batch import Batch, collate
 from draftforge.data.split import split_eval
 from draftforge.draft.config import DraftModelConfig
 from draftforge.draft.model import Eagle3Draft
+from draftforge.layouts import MIDLAYER, SPECULATORS_LAYER, aux_layer_ids_of
 from draftforge.target.base import DTYPES, TargetHead
 from draftforge.target.hf import HFTarget
 from draftforge.train.dflash_setup import build_dflash, check_family, target_taps
 from draftforge.train.distributed import Dist, in_turn, init_distributed, local
-from draftforge.train.trainer import Batch, Trainer, collate
+from draftforge.train.trainer import Trainer
 
 
 class DatasetView:
@@ -45,8 +47,6 @@ def warm_start(draft: Eagle3Draft, path: str | Path) -> None:
 
     from safetensors.torch import load_file
 
-    from draftforge.export.formats import aux_layer_ids_of
-
     config_file = Path(path) / "config.json"
     taps = aux_layer_ids_of(json.loads(config_file.read_text())) if config_file.exists() else None
     if taps is not None and taps != draft.config.aux_layer_ids:
@@ -54,7 +54,7 @@ def warm_start(draft: Eagle3Draft, path: str | Path) -> None:
                          f"{draft.config.aux_layer_ids}; set target.aux_layers to match")
     state = {}
     for f in sorted(Path(path).glob("*.safetensors")):
-        state.update({k.replace("layers.0.", "midlayer."): v for k, v in load_file(f).items()})
+        state.update({k.replace(SPECULATORS_LAYER, MIDLAYER): v for k, v in load_file(f).items()})
     state.pop("embed_tokens.weight", None)
     own = draft.state_dict()
     bad = [f"{k} {list(v.shape)} vs {list(own[k].shape) if k in own else 'none'}"

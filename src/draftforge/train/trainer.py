@@ -12,16 +12,13 @@ of all of them, so W ranks with grad_accum a compute the step of one process wit
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from draftforge.config import RETIRED_KEYS, RunConfig, TrainConfig, load_config
+from draftforge.config import RETIRED_KEYS, RunConfig, TrainConfig
+from draftforge.data.batch import Batch, collate
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.base import TargetFeatures, TargetHead
 from draftforge.train.batching import token_budget_batches
 from draftforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from draftforge.train.distributed import Dist, full_params, full_state, grad_sync, load_full_state, local, parallelize
-from draftforge.train.loss import step_weights, teacher_row_mask
+from draftforge.train.loss import step_weights
 from draftforge.train.optim import build_optimizer, build_scheduler
 from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_objective
 
@@ -45,40 +43,6 @@ RESUMABLE_CHANGES = {
     "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.fsdp", "train.target_tp", "data.num_workers",
 }
-
-
-@dataclass
-class Batch:
-    index: torch.Tensor  # [B] sample indices in the dataset
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    loss_mask: torch.Tensor  # [B, L]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def targets(self, steps: int) -> torch.Tensor:
-        """[steps] loss-masked tokens each TTT step predicts: step k predicts index t + 2 + k.
-        Known before any forward, so a step's objective can be normalised by its global count. A
-        target whose teacher argmax falls outside the draft vocabulary is counted but adds no loss."""
-        rows = teacher_row_mask(self.loss_mask, self.attention_mask)
-        return torch.stack([rows[:, 1 + k :].sum() for k in range(steps)])
-
-
-def collate(dataset, indices: Sequence[int]) -> Batch:
-    """Right-pad samples to the longest in the batch (padding keys then only follow valid ones)."""
-    items = [dataset[i] for i in indices]
-    length = max(len(it["input_ids"]) for it in items)
-    ids = torch.zeros(len(items), length, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    loss = torch.zeros_like(ids)
-    for row, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[row, :n] = it["input_ids"]
-        attn[row, :n] = 1
-        loss[row, :n] = it["loss_mask"]
-    return Batch(torch.tensor(list(indices)), ids, attn, loss)
 
 
 FeatureFn = Callable[[Batch], TargetFeatures]
@@ -456,29 +420,3 @@ class _Stats:
         m = ttt_metrics(correct, count, loss_sum, chain, chain_base)
         loss = float((step_weights(len(count), self.decay, loss_sum) * loss_sum / count.clamp(min=1)).sum())
         return {"loss": loss, **m, "supervised": int(count[0])}
-
-
-# ---- command line -------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML run config (see recipes/); defaults train SmolLM2 on ShareGPT")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 train.lr=1e-4")
-    parser.add_argument("--force", action="store_true", help="resume even if config, data or world size changed")
-    parser.add_argument("--no-resume", action="store_true", help="refuse to start if out_dir has checkpoints")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Alone, or on every rank of `torchrun --nproc-per-node N -m draftforge.cli train ...`."""
-    from draftforge.train.setup import build_training
-
-    config = load_config(args.config, args.overrides)
-    trainer = build_training(config)
-    try:
-        if args.no_resume and trainer.latest() is not None:
-            raise SystemExit(f"{config.train.out_dir} already has checkpoints (--no-resume given)")
-        trainer.resume(force=args.force)
-        final = trainer.fit(progress=not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None)
-    finally:
-        trainer.close()
-    trainer._say(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
-    return 0

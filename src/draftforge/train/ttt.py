@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from draftforge.data.batch import teacher_row_mask
 from draftforge.draft.attention import ttt_attention
 from draftforge.draft.model import Eagle3Draft
 from draftforge.train.loss import (
     compute_dtype,
     fused_linear_soft_ce,
-    teacher_row_mask,
     teacher_targets,
     ttt_metrics,
     ttt_objective,
