@@ -15,7 +15,7 @@ from draftforge.draft.config import DraftModelConfig, target_rope
 from draftforge.draft.dflash import DFlashDraft
 from draftforge.draft.model import Eagle3Draft
 from draftforge.export.dflash_export import read_config
-from draftforge.export.formats import aux_layer_ids_of
+from draftforge.layouts import MIDLAYER, aux_layer_ids_of, eagle3_layer
 from draftforge.target.hf import text_config
 
 
@@ -31,14 +31,7 @@ def load_draft_dir(
     """
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    layer = dict(config)
-    prefix = "midlayer."
-    if config.get("speculators_model_type") == "eagle3":
-        layer = {**config.get("transformer_layer_config", {})}
-        for key in ("draft_vocab_size", "target_hidden_size"):
-            if key in config:
-                layer[key] = config[key]
-        prefix = "layers.0."
+    layer, prefix = eagle3_layer(config)
     aux = aux_layer_ids_of(config)
     if aux is None:
         if target_model is None:
@@ -66,7 +59,7 @@ def load_draft_dir(
     weights: dict[str, Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(f))
-    state = {k.replace(prefix, "midlayer.", 1) if k.startswith(prefix) else k: v for k, v in weights.items()}
+    state = {k.replace(prefix, MIDLAYER, 1) if k.startswith(prefix) else k: v for k, v in weights.items()}
     state.pop("embed_tokens.weight", None)  # engines share the target's embedding
     draft = Eagle3Draft(cfg)
     missing, unexpected = draft.load_state_dict(state, strict=False)

@@ -24,7 +24,6 @@ from draftforge.export.findings import Finding, check_vocab_map, tensor_layout
 from draftforge.layouts import (
     MIDLAYER,
     SPECULATORS_LAYER,
-    aux_layer_ids_of,  # noqa: F401  eval/speculate.py imports it from here (issue 15)
     eagle3_layer,
     is_dflash,
 )
