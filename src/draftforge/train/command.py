@@ -44,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     """Alone, or on every rank of `torchrun --nproc-per-node N -m draftforge.cli train ...`."""
     progress = not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None
     trainer, final = train(load_config(args.config, args.overrides), progress, args.force, args.no_resume)
-    trainer._say(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
+    trainer.say(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
     return 0

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -293,7 +293,7 @@ class Trainer:
             msg = f"{path} was trained with a different setup:\n  " + "\n  ".join(problems)
             if not force:
                 raise SystemExit(msg + "\nUse a new train.out_dir, or --force to resume anyway.")
-            self._say("warning: resuming anyway (--force). " + msg, sys.stderr)
+            self.say("warning: resuming anyway (--force). " + msg, sys.stderr)
         own = set(self.draft.state_dict()) - {"embed_tokens.weight"}
         if set(weights) != own:
             raise SystemExit(f"{path}: checkpoint does not fit the draft (missing {sorted(own - set(weights))}, "
@@ -311,7 +311,7 @@ class Trainer:
             self.total_steps, self.budget_set = state["total_steps"], True
         if hasattr(self.draft, "set_tap_scales"):  # the scales this run started with, not re-measured ones
             self.draft.set_tap_scales(state["draft_config"].get("tap_scales"))
-        self._say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+        self.say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
         return True
 
     def close(self) -> None:
@@ -323,7 +323,8 @@ class Trainer:
         self.dist.close()
 
     # ---- loop -------------------------------------------------------------------------------
-    def _say(self, text: str, file=None) -> None:
+    def say(self, text: str, file: TextIO | None = None) -> None:
+        """Print on the main rank only, so a message appears once however many ranks run."""
         if self.dist.main:
             print(text, file=file or sys.stdout)
 
@@ -362,7 +363,7 @@ class Trainer:
         left = self.cfg.budget_minutes * 60 - seconds * (self.step / steps)
         total = max(self.step, min(self.step_cap, self.step + int(left / (seconds / steps))))
         if not self.budget_set or abs(total - self.total_steps) > 0.02 * self.total_steps:
-            self._say(f"time budget {self.cfg.budget_minutes:g} min: {total} steps ({seconds / steps:.2f} s/step)")
+            self.say(f"time budget {self.cfg.budget_minutes:g} min: {total} steps ({seconds / steps:.2f} s/step)")
         self.total_steps, self.budget_set = total, True
 
     def fit(self, progress: bool = True) -> dict[str, Any]:
