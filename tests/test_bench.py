@@ -10,6 +10,7 @@ outputs match the baseline.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from draftforge.cli import main
 from draftforge.eval import report
 from draftforge.eval.bench import conditional_acceptance
-from draftforge.serving.engines import make_server
+from draftforge.serving.engines import EngineServer, EngineServerError, make_server
 from tests.test_regenerate import ThreadServer, read_request, respond
 
 ENTRY_KEYS = {"batch", "steps", "topk", "draft_tokens", "num_prompts", "accept_length", "acceptance", "throughput",
@@ -173,6 +174,21 @@ def test_prompt_lookup_is_served_as_vllms_ngram_method(tmp_path):
 
 
 @pytest.mark.vllm
+def test_an_engine_log_in_a_folder_not_made_yet_is_written(tmp_path):
+    """bench --launch --out runs/new/x.json puts the engine logs beside x.json: the folder is made, not a crash."""
+
+    class Exits(EngineServer):
+        engine = "exits"
+
+        def _build(self) -> tuple[list[str], dict[str, str]]:
+            return [sys.executable, "-c", "print('engine output')"], {}
+
+    log = tmp_path / "new" / "engine.log"
+    with pytest.raises(EngineServerError, match="exited with code 0"):
+        Exits(tmp_path, log_path=log, startup_timeout=60).start()
+    assert "engine output" in log.read_text()
+
+
 def test_bench_launch_baseline_and_chain_on_vllm(tmp_path):
     from draftforge.assets import smollm2_dir
     from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv

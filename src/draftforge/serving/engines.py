@@ -139,6 +139,7 @@ class EngineServer:
             raise EngineServerError("server already started")
         if self._argv is None:
             self._argv, self._env = self._build()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)  # e.g. bench --out in a folder not made yet
         log = open(self.log_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
