@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from draftforge.draft.config import DraftModelConfig, target_rope
+from draftforge.draft.config import DraftModelConfig, layer_fields
 from draftforge.draft.dflash import DFlashDraft
 from draftforge.draft.model import Eagle3Draft
 from draftforge.export.dflash_export import read_config
@@ -38,24 +37,7 @@ def load_draft_dir(
             raise ValueError(f"{path}: no aux layer ids in config.json and no target to derive the default from")
         n = text_config(target_model.config).num_hidden_layers
         aux = [2, n // 2, n - 3]  # what engines silently fall back to; `export --check` flags it
-    theta, scaling = target_rope(_Attrs(layer))
-    heads = int(layer["num_attention_heads"])
-    cfg = DraftModelConfig(
-        hidden_size=int(layer["hidden_size"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(layer.get("num_key_value_heads") or heads),
-        head_dim=int(layer.get("head_dim") or layer["hidden_size"] // heads),
-        intermediate_size=int(layer["intermediate_size"]),
-        rms_norm_eps=float(layer.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(layer.get("max_position_embeddings", 2048)),
-        vocab_size=int(layer["vocab_size"]),
-        draft_vocab_size=int(layer.get("draft_vocab_size", layer["vocab_size"])),
-        target_hidden_size=int(layer.get("target_hidden_size") or layer["hidden_size"]),
-        aux_layer_ids=list(aux),
-        hidden_act=layer.get("hidden_act", "silu"),
-    )
+    cfg = DraftModelConfig(**layer_fields(layer), aux_layer_ids=list(aux))
     weights: dict[str, Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(f))
@@ -80,16 +62,6 @@ def load_draft_dir(
         device = target_model.get_input_embeddings().weight.device
         draft = draft.to(device)
     return draft.to(dtype).eval().requires_grad_(False)
-
-
-class _Attrs:
-    """A dict seen as a config object (for `target_rope`, which reads attributes)."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
-
-    def __getattr__(self, name: str) -> Any:
-        return None
 
 
 def load_dflash_dir(path: str | Path, target_model: nn.Module | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from draftforge.target.taps import default_aux_layers
@@ -123,3 +124,25 @@ def target_rope(text_config: Any) -> tuple[float, dict | None]:
     params["rope_type"] = rope_type
     params.pop("type", None)
     return theta, params
+
+
+def layer_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A draft layer's shape and RoPE as engines read them from its config.json (missing optional
+    fields take the engines' defaults): what the EAGLE-3 and DFlash configs both start from."""
+    theta, scaling = target_rope(SimpleNamespace(**config))
+    heads = int(config["num_attention_heads"])
+    return {
+        "hidden_size": int(config["hidden_size"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": int(config.get("head_dim") or config["hidden_size"] // heads),
+        "intermediate_size": int(config["intermediate_size"]),
+        "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(config.get("max_position_embeddings", 2048)),
+        "vocab_size": int(config["vocab_size"]),
+        "draft_vocab_size": int(config.get("draft_vocab_size") or config["vocab_size"]),
+        "target_hidden_size": int(config.get("target_hidden_size") or config["hidden_size"]),
+        "hidden_act": config.get("hidden_act", "silu"),
+    }

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from draftforge.draft.config import target_rope
+from draftforge.draft.config import layer_fields, target_rope
 from draftforge.draft.dflash_config import DFlashConfig
 from draftforge.export.findings import Finding, check_vocab_map, tensor_layout
 from draftforge.layouts import DFLASH_ARCHITECTURE
@@ -82,26 +82,12 @@ def export_config(cfg: DFlashConfig, dtype: str) -> dict[str, Any]:
 def read_config(config: dict[str, Any]) -> DFlashConfig:
     """The DFlashConfig an engine would build from a config.json (taps back in HF index)."""
     dflash = config.get("dflash_config") or {}
-    theta, scaling = target_rope(SimpleNamespace(**config))
-    heads = int(config["num_attention_heads"])
     return DFlashConfig(
-        hidden_size=int(config["hidden_size"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-        intermediate_size=int(config["intermediate_size"]),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-        vocab_size=int(config["vocab_size"]),
-        draft_vocab_size=int(config.get("draft_vocab_size") or config["vocab_size"]),
-        target_hidden_size=int(config.get("target_hidden_size") or config["hidden_size"]),
+        **layer_fields(config),
         mask_token_id=int(dflash["mask_token_id"]),
         aux_layer_ids=[int(i) + 1 for i in dflash["target_layer_ids"]],
         num_layers=int(config.get("num_hidden_layers", 1)),
         block_size=int(config.get("block_size") or DEFAULT_BLOCK),
-        hidden_act=config.get("hidden_act", "silu"),
     )
 
 
