@@ -20,6 +20,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from draftforge.train.tracking import read_metrics
+
 RESULTS = Path(__file__).parent / "results" / "tau_per_minute.json"
 
 
@@ -28,7 +30,7 @@ def curve(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: no such file (pass a run's train.out_dir)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     rate = {row["step"]: row["tok_per_s"] for row in rows if "tok_per_s" in row}
     points = []
     for row in rows:
