@@ -25,7 +25,7 @@ START, END = "<!-- bundle:start -->", "<!-- bundle:end -->"
 # Recipes whose target runs on this machine: the model eval/bench load, and the data the row trains on.
 SMOLLM2 = {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
            "data": REGENERATED}
-TRAINABLE = {"smollm2-135m": SMOLLM2, "smollm2-135m-hour": SMOLLM2}
+TRAINABLE = {"smollm2-135m": SMOLLM2, "smollm2-135m-hour": SMOLLM2, "smollm2-135m-dflash": SMOLLM2}
 
 
 def results_dir() -> Path:
@@ -72,8 +72,9 @@ def table() -> str:
         if m:
             b, v = m["builtin"], m.get("vllm") or {}
             vllm = f"{v['tau']:.2f} / {v['speedup']:.2f}x" if v else "not run"
-            cells += [m["hardware"], f"**{b['chain']['tau']:.2f}** / **{b['tree']['tau']:.2f}**",
-                      f"{b['chain']['speedup']:.2f}x / {b['tree']['speedup']:.2f}x", vllm,
+            tree = b.get("tree")  # a DFlash block has none
+            cells += [m["hardware"], f"**{b['chain']['tau']:.2f}** / " + (f"**{tree['tau']:.2f}**" if tree else "—"),
+                      f"{b['chain']['speedup']:.2f}x / " + (f"{tree['speedup']:.2f}x" if tree else "—"), vllm,
                       f"{b['chain']['ngram_tau']:.2f}" if "ngram_tau" in b["chain"] else "not measured",
                       f"{m['tokens_trained'] / 1e3:.0f}k tokens, {m['train_minutes']:.0f} min", f"`{m['exported']}`"]
         else:
@@ -81,7 +82,8 @@ def table() -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Measured rows: MT-bench, temperature 0; chain = `{CHAIN}`, tree = `{TREE}` "
-                 "(batch,steps,topk,draft_tokens); n-gram lookup = vLLM's prompt lookup drafting as many tokens "
+                 "(batch,steps,topk,draft_tokens), a DFlash row's chain is its whole block; "
+                 "n-gram lookup = vLLM's prompt lookup drafting as many tokens "
                  "as the chain, on the same prompts. Reproduce one with `draftforge bundle --run NAME`; "
                  "the figures and exact commands are in `bundle/NAME.json`.")
     return "\n".join(lines)
@@ -111,7 +113,7 @@ def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: 
     config = load_config(repo_root() / "recipes" / f"{name}.yaml",
                          [f"data.sources=[{repo_root() / data}]", f"train.out_dir={out / 'train'}", *overrides])
     trained = train(config, out)
-    exported = export(trained["run_dir"], out)
+    exported = next(iter(export(trained["run_dir"], out).values()))  # the layout vLLM serves
     row = {
         "recipe": f"recipes/{name}.yaml",
         "data": data,
@@ -121,9 +123,9 @@ def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: 
         "steps": trained["steps"],
         "train_minutes": round(trained["tokens_trained"] / trained["final"]["tok_per_s"] / 60, 1),
         "final": trained["final"],
-        "exported": exported["sglang"],
-        "builtin": measure_builtin(exported["sglang"], model, out, eval_prompts, max_new_tokens),
-        "vllm": measure_vllm(exported["sglang"], model, out, eval_prompts, max_new_tokens) if vllm else None,
+        "exported": exported,
+        "builtin": measure_builtin(exported, model, out, eval_prompts, max_new_tokens),
+        "vllm": measure_vllm(exported, model, out, eval_prompts, max_new_tokens) if vllm else None,
         "eval": {"suite": "mtbench", "prompts": eval_prompts, "max_new_tokens": max_new_tokens},
         "command": " ".join(["draftforge bundle --run", name, f"--out {out}", f"--eval-prompts {eval_prompts}",
                              f"--max-new-tokens {max_new_tokens}", *([] if vllm else ["--no-vllm"]), *overrides]),

