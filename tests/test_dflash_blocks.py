@@ -1,0 +1,31 @@
+"""benchmarks/dflash_blocks.py: which configs each block size is decoded at, and its chart."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dflash_blocks.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("dflash_blocks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_block_is_decoded_whole_and_at_the_eagle3_chains_depth():
+    configs = _module().block_configs
+    assert configs(4) == {"block": "1,3,1,4"}  # its whole block is the chain's depth already
+    assert configs(8) == {"block": "1,7,1,8", "k3": "1,3,1,4"}
+    assert configs(16) == {"block": "1,15,1,16", "k3": "1,3,1,4"}
+
+
+def test_the_chart_draws_blocks_beside_the_eagle3_row(tmp_path):
+    chain = {"tau": 1.35, "speedup": 0.7, "ngram_tau": 2.8}
+    report = {"eagle3": {"builtin": {"chain": chain}}, "blocks": [
+        {"block_size": 4, "builtin": {"block": {"tau": 1.3}}},
+        {"block_size": 8, "builtin": {"block": {"tau": 1.4}, "k3": {"tau": 1.3}}},
+    ]}
+    png = tmp_path / "blocks.png"
+    _module().plot(report, png)
+    assert png.stat().st_size > 1000
