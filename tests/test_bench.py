@@ -10,8 +10,12 @@ outputs match the baseline.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -187,6 +191,52 @@ def test_an_engine_log_in_a_folder_not_made_yet_is_written(tmp_path):
     with pytest.raises(EngineServerError, match="exited with code 0"):
         Exits(tmp_path, log_path=log, startup_timeout=60).start()
     assert "engine output" in log.read_text()
+
+
+# `draftforge bench --launch` with an engine that never gets healthy: it writes its pid and sleeps.
+SLEEPING_ENGINE = """
+import sys
+import draftforge.serving.engines as engines
+from draftforge.cli import main
+
+ENGINE = ("import os, sys, time; pid = sys.argv[1]; open(pid + '~', 'w').write(str(os.getpid())); "
+          "os.replace(pid + '~', pid); time.sleep(600)")
+
+class Sleeps(engines.EngineServer):
+    engine = "sleeps"
+
+    def _build(self):
+        return [sys.executable, "-c", ENGINE, sys.argv[1]], {}
+
+engines.make_server = lambda engine, model, draft, **kw: Sleeps(model, log_path=kw["log_path"], startup_timeout=600)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_to_bench_launch_stops_its_server(tmp_path):
+    """The server runs in its own process group, so only bench's own clean-up can stop it: SIGTERM must
+    unwind the command (exit 143) instead of killing it outright and leaving the engine running."""
+    pid_file = tmp_path / "engine.pid"
+    bench = subprocess.Popen([sys.executable, "-c", SLEEPING_ENGINE, str(pid_file), "bench", "--launch", "--engine",
+                              "vllm", "--model", str(tmp_path), "--configs", "1,0,0,0", "--out",
+                              str(tmp_path / "bench.json"), "--suite", f"jsonl:{write_suite(tmp_path / 's.jsonl')}"])
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), f"the engine never started (bench exited with {bench.poll()})"
+        engine = int(pid_file.read_text())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.kill(engine, 0)
+    finally:
+        bench.kill()
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # the engine a failed run left behind
+            except ProcessLookupError:
+                pass
 
 
 def test_bench_launch_baseline_and_chain_on_vllm(tmp_path):
