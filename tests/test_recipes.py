@@ -170,6 +170,22 @@ def test_check_command_fails_on_a_bad_recipe(tmp_path, capsys):
     assert "hf_hidden_states - 1" in capsys.readouterr().out
 
 
+def test_check_command_passes_every_shipped_file(capsys):
+    """recipes/ holds target recipes and plain run configs (the SmolLM2 ones); --check accepts both kinds."""
+    assert main(["recipe", "--check", *map(str, RECIPES)]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m.yaml: ok (run config)" in out and "phi-4.yaml: ok (recipe)" in out
+
+
+def test_check_command_fails_on_a_run_config_that_does_not_load(tmp_path, capsys):
+    tree = yaml.safe_load(RECIPES_BY_STEM["smollm2-135m"].read_text())
+    tree["draft"]["draft_vocab"] = tree["draft"].pop("draft_vocab_size")  # a typo: must not train with defaults
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    assert main(["recipe", "--check", str(RECIPES_BY_STEM["smollm2-135m"]), str(bad)]) == 1
+    assert "unknown key draft.draft_vocab" in capsys.readouterr().out
+
+
 def test_recipe_command_reads_a_model_dir_and_prints(tmp_path, capsys):
     write_family_config(tmp_path, "gemma3")
     assert main(["recipe", str(tmp_path)]) == 0

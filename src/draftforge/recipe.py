@@ -472,13 +472,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", nargs="+", metavar="RECIPE", help="validate recipe files instead")
 
 
+def check_file(path: str) -> tuple[str, list[str]]:
+    """(what the file is, its problems). recipes/ holds target recipes, validated in full, and plain run
+    configs (the SmolLM2 ones: no `recipe:` section), which only have to load as `train --config` loads them."""
+    try:
+        run, meta = load_recipe(path)
+    except ConfigError as e:
+        return "config", [str(e)]
+    return ("recipe", validate_recipe(run, meta)) if meta else ("run config", [])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.check:
         bad = 0
         for path in args.check:
-            problems = validate_recipe(*load_recipe(path))
+            kind, problems = check_file(path)
             bad += bool(problems)
-            print(f"{path}: " + ("ok" if not problems else "\n  ".join(["problems:", *problems])))
+            print(f"{path}: " + (f"ok ({kind})" if not problems else "\n  ".join(["problems:", *problems])))
         return 1 if bad else 0
     if not args.config:
         raise ConfigError("recipe needs TARGET_CONFIG (or --check RECIPE...)")
