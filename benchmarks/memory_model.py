@@ -37,12 +37,19 @@ from pathlib import Path
 from train_step import GIB, SHAPE, add_measure_arguments, make_step, measure, ran_as_child
 
 from draftforge.draft.config import DraftModelConfig
-from draftforge.train.memory_model import format_table, measured_peaks, recipe_memory, recipe_shape, training_memory
+from draftforge.train.memory_model import (
+    GPU_GIB,
+    format_table,
+    measured_peaks,
+    recipe_memory,
+    recipe_shape,
+    training_memory,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "memory_model.json"
 RECIPES = ("llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "qwen3-235b-a22b")
-GPU_GIB = 78.0  # what torch can allocate on an 80 GB H100 after the CUDA context
+H100_GIB = GPU_GIB["80 GB (H100)"]  # what torch can allocate on an 80 GB H100 after the CUDA context
 MID = dict(SHAPE, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
            intermediate_size=8192, vocab_size=128256, draft_vocab_size=32000, target_hidden_size=2048)
 TINY = dict(SHAPE, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
@@ -159,7 +166,7 @@ def main() -> None:
         return
 
     out: dict = dict(meta=dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), threads=1,
-                               ttt_steps=7, batch=1, gpu_budget_gib=GPU_GIB))
+                               ttt_steps=7, batch=1, gpu_budget_gib=H100_GIB))
     if not args.table_only:
         baseline, rows = validate(QUICK if args.quick else FULL, args.mem_limit_gib, args.timeout_s)
         worst = {k: max(abs(r[k]["error_pct"]) for r in rows) for k in ("forward", "backward", "step", "rss")}
@@ -167,11 +174,11 @@ def main() -> None:
         print("max |error| %: " + ", ".join(f"{k} {v:.1f}" for k, v in worst.items()))
         out.update(baseline_rss_gib=round(baseline, 3), validation=rows, max_abs_error_pct=worst)
     table = recipe_rows(args.lengths)
-    print(f"\nrecipe draft shapes, GPU path, TTT 7, bf16 (budget {GPU_GIB:g} GiB: an 80 GB GPU less its CUDA context)")
-    print(format_table(table, GPU_GIB))
+    print(f"\nrecipe draft shapes, GPU path, TTT 7, bf16 (budget {H100_GIB:g} GiB: an 80 GB GPU less its CUDA context)")
+    print(format_table(table, H100_GIB))
     out["recipes"] = [dict(name=r["name"], setting=r["setting"], params=r["params"], static=r["static"],
                            per_token=r["per_token"], fixed=r["fixed"], peak_phase=r["peak_phase"],
-                           peak_gib=round(r["peak_bytes"] / GIB, 2), fits_gpu=r["peak_bytes"] <= GPU_GIB * GIB)
+                           peak_gib=round(r["peak_bytes"] / GIB, 2), fits_gpu=r["peak_bytes"] <= H100_GIB * GIB)
                       for r in table]
     if args.table_only and args.out.exists():  # keep the measured validation, refresh the table
         out = dict(json.loads(args.out.read_text()), recipes=out["recipes"])

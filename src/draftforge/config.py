@@ -159,13 +159,20 @@ def _apply(config: RunConfig, tree: dict[str, Any], origin: str) -> None:
             setattr(target, key, _coerce(section, key, value, hints[key]))
 
 
+def run_config(tree: dict[str, Any], origin: str) -> RunConfig:
+    """A RunConfig from sections already in memory (a recipe being written), checked as a file's are."""
+    config = RunConfig()
+    _apply(config, tree, origin)
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Build a RunConfig from an optional YAML file and `section.key=value` overrides."""
     config = RunConfig()
     if path is not None:
         tree = yaml.safe_load(Path(path).read_text()) or {}
         tree.pop("recipe", None)  # a recipe's notes for people (draftforge.recipe), not part of the run
-        _apply(config, tree, str(path))
+        config = run_config(tree, str(path))
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r}: expected section.key=value")

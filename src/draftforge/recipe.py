@@ -6,7 +6,8 @@
 A recipe is a run config (`data`, `target`, `draft`, `train`, `features`: what `draftforge train
 --config` reads) plus a `recipe:` section for people: the target's config facts, the tapped layers
 and why, the derived draft shape and every override with its reason, the data and training plan,
-the hardware it needs and the exact SGLang / vLLM commands that serve the exported draft.
+the hardware it needs (training sized by `train.memory_model`, see `train_plan`) and the exact SGLang / vLLM
+commands that serve the exported draft.
 `load_recipe` splits the two; the trainer never sees `recipe:`.
 
 Family quirks applied from the config alone: MoE (the draft's MLP takes the target's dense MLP
@@ -20,16 +21,18 @@ target's, custom code (trust_remote_code) when transformers does not know the mo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from draftforge.config import ConfigError, RunConfig, load_recipe
+from draftforge.config import ConfigError, RunConfig, load_recipe, run_config
 from draftforge.draft.config import DraftModelConfig
 from draftforge.target.facts import (
     estimate_params,
@@ -44,12 +47,17 @@ from draftforge.target.facts import (
     weight_bytes,
 )
 from draftforge.target.taps import default_aux_layers
+from draftforge.train.memory_model import GIB, fits, recipe_memory, recipe_settings, usable_gib
 
 DRAFT_VOCAB = 32000  # covers nearly all assistant tokens of a 100k-250k vocabulary (EAGLE-3, SpecForge)
 MLP_RATIO = 3.5  # Llama-3's 14336 / 4096: the draft MLP when the target defines no dense width
-ONLINE_MAX_GB = 50.0  # a target whose weights (as shipped) fit this trains online next to the draft on one 80 GB GPU
 TOKENS_PER_CONVERSATION = 1000  # regenerated ShareGPT / UltraChat conversations at max_length 2048
-GPU_GB, BIG_GPU_GB, HEADROOM = 80.0, 141.0, 1.2  # H100, H200; weights x 1.2 leaves room for activations / KV
+ROWS = {True: 100_000, False: 40_000}  # conversations online / offline (a store holds 8 x hidden bytes per token)
+GPU_GB, BIG_GPU_GB, HEADROOM = 80.0, 141.0, 1.2  # serving: H100, H200; weights x 1.2 leaves room for the KV cache
+# Where a draft trains, in the order tried (GPU, online, gradient checkpointing): one 80 GB GPU with the target
+# online as written, then checkpointed; offline (the target captured once to a store) likewise; then one 141 GB GPU.
+TRAIN_SETTINGS = (("80 GB (H100)", True, False), ("80 GB (H100)", True, True), ("80 GB (H100)", False, False),
+                  ("80 GB (H100)", False, True), ("141 GB (H200)", False, False), ("141 GB (H200)", False, True))
 
 CHAT_NOTES: dict[str, str] = {
     "llama": "Llama-3 header template (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>). Without a "
@@ -186,7 +194,8 @@ def quirks(facts: dict[str, Any], trust_remote_code: bool) -> list[str]:
 
 
 def gpu_plan(nbytes: float) -> tuple[int, str]:
-    """(tensor-parallel size, hardware) for weights plus headroom on 80 GB GPUs, else 141 GB, else nodes."""
+    """(tensor-parallel size, hardware) that serves, or captures features from, a target: its weights plus
+    room for the KV cache on 80 GB GPUs, else 141 GB, else nodes. Training is sized by `train_plan`."""
     need = nbytes * HEADROOM / 1e9
     for n in (1, 2, 4, 8):
         if need <= n * GPU_GB:
@@ -195,6 +204,37 @@ def gpu_plan(nbytes: float) -> tuple[int, str]:
         return 8, "8x 141 GB (H200)"
     nodes = math.ceil(need / (8 * GPU_GB))
     return 8 * nodes, f"{nodes} nodes x 8x 80 GB (H100)"
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Where a recipe trains: the first of TRAIN_SETTINGS whose predicted peak fits, and why."""
+
+    online: bool
+    checkpoint: bool
+    gpus: str
+    peak_gib: float
+    why: str
+
+
+def train_plan(run: RunConfig, meta: dict[str, Any]) -> TrainPlan:
+    """Each setting of TRAIN_SETTINGS applied to the recipe (`run`, its `recipe:` section `meta`) and sized by
+    memory_model at the recipe's own micro-batch, until one leaves the model's uncounted share of the GPU free;
+    the same model as the README's memory table, so the hardware lines cannot disagree with it."""
+    tried = []
+    for gpu, online, checkpoint in TRAIN_SETTINGS:
+        trial = copy.deepcopy(run)
+        trial.features.store = None if online else f"stores/{slug_of(meta['target'])}"
+        trial.train.gradient_checkpointing = checkpoint
+        cfg, train = recipe_settings(trial, meta)
+        peak = recipe_memory(cfg, train)["peak_bytes"]
+        tried.append(f"{'online' if online else 'offline'}{' checkpointed' if checkpoint else ''} {peak / GIB:.1f} "
+                     f"{'<=' if fits(peak, gpu) else '>'} {usable_gib(gpu):.1f} GiB usable on {gpu}")
+        if fits(peak, gpu):
+            why = f"memory_model, micro-batches of {train['batch']} x {train['seq_len']} tokens: " + "; ".join(tried)
+            return TrainPlan(online, checkpoint, f"1x {gpu}", round(peak / GIB, 1), why)
+    raise ConfigError(f"the draft fits no single GPU ({'; '.join(tried)}); a recipe names one GPU: shard it by hand "
+                      "(train.fsdp) or lower train.tokens_per_batch")
 
 
 def slug_of(target: str) -> str:
@@ -221,7 +261,8 @@ def training_note(run: dict[str, Any]) -> str:
     return (f"TTT {t['ttt_steps']} steps; token-budget micro-batches of {t['tokens_per_batch']} tokens x grad_accum "
             f"{t['grad_accum']} ({t['tokens_per_batch'] * t['grad_accum'] // 1024}k tokens per optimizer step) at "
             f"max_length {d['max_length']}; AdamW lr {t['lr']:g}, {t['warmup_steps']} warmup steps, cosine to 0.1x "
-            f"over {t['epochs']} epochs; {t['precision']} autocast")
+            f"over {t['epochs']} epochs; {t['precision']} autocast"
+            + ("; gradient checkpointing of the unrolled steps" if t.get("gradient_checkpointing") else ""))
 
 
 def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = None) -> dict[str, Any]:
@@ -238,14 +279,12 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
     draft = derive_draft(facts, taps, draft_vocab, overrides)
     total, routed = estimate_params(facts)
     weights_gb = weight_bytes(facts, total, routed) / 1e9
-    online = weights_gb <= ONLINE_MAX_GB
     serve_tp, serve_hw = gpu_plan(weights_gb * 1e9)
-    rows = 100_000 if online else 40_000
-    tokens = rows * TOKENS_PER_CONVERSATION
+    shape = {k: getattr(draft, k) for k in SHAPE_KEYS}
     per_token = (3 + 1) * hidden * 2  # aux taps + final hidden state, bf16
     draft_dir = f"drafts/{slug}-eagle3"
     run: dict[str, Any] = {
-        "data": {"sources": [f"data/{slug}/regenerated.jsonl"], "max_rows": rows, "max_length": 2048,
+        "data": {"sources": [f"data/{slug}/regenerated.jsonl"], "max_rows": ROWS[True], "max_length": 2048,
                  "eval_fraction": 0.01},
         "target": {"path": target, "aux_layers": taps, "dtype": "bfloat16", "trust_remote_code": trust},
         "draft": {"draft_vocab_size": draft_vocab, "overrides": overrides},
@@ -253,6 +292,14 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
                   "warmup_steps": 100, "epochs": 3, "tokens_per_batch": 16384, "grad_accum": 4,
                   "eval_every": 500, "save_every": 500},
     }
+    plan = train_plan(run_config(run, target), {"target": target, "draft": {"shape": shape},
+                                                "taps": {"hf_hidden_states": taps},
+                                                "hardware": {"target_weights_gb": round(weights_gb, 1)}})
+    online, rows = plan.online, ROWS[plan.online]
+    tokens = rows * TOKENS_PER_CONVERSATION
+    run["data"]["max_rows"] = rows
+    if plan.checkpoint:
+        run["train"]["gradient_checkpointing"] = True
     if not online:
         run["features"] = {"store": f"stores/{slug}", "store_dtype": "bf16"}
     mode = (f"online: the target ({weights_gb:.0f} GB) fits one 80 GB GPU next to the draft" if online else
@@ -268,7 +315,7 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
         "quirks": quirks(facts, trust),
         "taps": {"hf_hidden_states": taps, "sglang_layer_ids": [i - 1 for i in taps], "why": taps_why},
         "draft": {
-            "shape": {k: getattr(draft, k) for k in SHAPE_KEYS},
+            "shape": shape,
             "overrides_why": reasons,
             "vocab_why": (f"{draft_vocab} most frequent assistant tokens of the regenerated data "
                           f"({'capped at the vocabulary' if draft_vocab == vocab else f'of {vocab}'}); d2t/t2d "
@@ -288,7 +335,9 @@ def build_recipe(raw: dict[str, Any], target: str, draft_vocab: int | None = Non
             "target_weights_gb": round(weights_gb, 1),
             "mode": mode,
             "capture_gpus": serve_hw if not online else None,
-            "train_gpus": "1x 80 GB (H100)",
+            "train_gpus": plan.gpus,
+            "train_peak_gib": plan.peak_gib,
+            "train_memory": plan.why,
             "serve_gpus": serve_hw,
             "store_bytes_per_token": per_token if not online else None,
             "store_tokens_estimate": tokens if not online else None,
@@ -362,14 +411,30 @@ def validate_recipe(run: RunConfig, meta: dict[str, Any]) -> list[str]:
     if hw.get("store_bytes_per_token") and hw["store_bytes_per_token"] != 8 * int(facts["hidden_size"]):
         problems.append("hardware.store_bytes_per_token must be (3+1) x hidden x 2 (bf16 aux taps + final hidden)")
     weights = weight_bytes(facts, total, routed)
-    if (run.features.store is None) != (weights / 1e9 <= ONLINE_MAX_GB):
-        problems.append(f"features.store: offline exactly when the target's weights exceed {ONLINE_MAX_GB:.0f} GB "
-                        f"({weights / 1e9:.0f} GB here)")
+    if hw.get("target_weights_gb") != round(weights / 1e9, 1):
+        problems.append(f"hardware.target_weights_gb {hw.get('target_weights_gb')} != {weights / 1e9:.1f} (the facts)")
+    try:
+        problems += plan_problems(run, hw, train_plan(run, meta))
+    except ConfigError as e:
+        problems.append(str(e))
     serve = meta["serve"]
     expect = serve_commands(meta["target"], f"drafts/{slug_of(meta['target'])}-eagle3", gpu_plan(weights)[0], trust)
     for engine in ("sglang", "vllm"):
         if serve.get(engine) != expect[engine]:
             problems.append(f"serve.{engine} is not the command for this target: {expect[engine]}")
+    return problems
+
+
+def plan_problems(run: RunConfig, hw: dict[str, Any], plan: TrainPlan) -> list[str]:
+    """Where a recipe's mode, checkpointing and training hardware differ from its `train_plan`."""
+    problems = []
+    if (run.features.store is None) != plan.online:
+        problems.append(f"features.store: the memory plan trains {'online' if plan.online else 'offline'} ({plan.why})")
+    if run.train.gradient_checkpointing != plan.checkpoint:
+        problems.append(f"train.gradient_checkpointing should be {plan.checkpoint} ({plan.why})")
+    for key, want in (("train_gpus", plan.gpus), ("train_peak_gib", plan.peak_gib), ("train_memory", plan.why)):
+        if hw.get(key) != want:
+            problems.append(f"hardware.{key} {hw.get(key)!r} is not the memory plan's {want!r}")
     return problems
 
 
@@ -407,13 +472,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", nargs="+", metavar="RECIPE", help="validate recipe files instead")
 
 
+def check_file(path: str) -> tuple[str, list[str]]:
+    """(what the file is, its problems). recipes/ holds target recipes, validated in full, and plain run
+    configs (the SmolLM2 ones: no `recipe:` section), which only have to load as `train --config` loads them."""
+    try:
+        run, meta = load_recipe(path)
+    except ConfigError as e:
+        return "config", [str(e)]
+    return ("recipe", validate_recipe(run, meta)) if meta else ("run config", [])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.check:
         bad = 0
         for path in args.check:
-            problems = validate_recipe(*load_recipe(path))
+            kind, problems = check_file(path)
             bad += bool(problems)
-            print(f"{path}: " + ("ok" if not problems else "\n  ".join(["problems:", *problems])))
+            print(f"{path}: " + (f"ok ({kind})" if not problems else "\n  ".join(["problems:", *problems])))
         return 1 if bad else 0
     if not args.config:
         raise ConfigError("recipe needs TARGET_CONFIG (or --check RECIPE...)")

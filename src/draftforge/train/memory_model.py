@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from draftforge.config import load_recipe
+from draftforge.config import RunConfig, load_recipe
 from draftforge.draft.attention import BLOCK
 from draftforge.draft.config import DraftModelConfig
 from draftforge.target.base import DTYPES
@@ -36,6 +36,9 @@ GIB = 1 << 30
 ACC = 4  # float32: softmax / accumulation / AdamW / gradients
 PATHS = ("efficient", "blockwise", "reference")
 STAGES = {"forward": ("teacher", "fwd"), "backward": ("bwd",), "optimizer": ("optimizer",)}
+# GiB that torch can allocate on a GPU once the CUDA context is up, by the name recipes give the GPU
+GPU_GIB = {"80 GB (H100)": 78.0, "141 GB (H200)": 139.0}
+UNCOUNTED_SHARE = 0.1  # of it left free for what the model does not count: allocator fragmentation, cuBLAS workspaces
 
 
 @dataclass(frozen=True)
@@ -294,27 +297,47 @@ def measured_peaks(step: Callable[[], object]) -> dict[str, int]:
 # ---- recipes and tables ---------------------------------------------------------------------------
 
 
-def recipe_shape(path: str | Path) -> tuple[DraftModelConfig, dict[str, Any]]:
+def recipe_settings(run: RunConfig, meta: dict[str, Any]) -> tuple[DraftModelConfig, dict[str, Any]]:
     """The draft shape a recipe derives, and its training settings: TTT steps, precision, gradient
-    accumulation, feature / head dtype sizes, and the target's other weights when it trains online."""
-    run, meta = load_recipe(path)
+    accumulation and checkpointing, its micro-batch (token budget / max_length sequences), feature /
+    head dtype sizes, and the target's other weights when it trains online. `run` and `meta` are a
+    recipe's run config and `recipe:` section, read from a file or being written."""
     shape = dict(meta["draft"]["shape"], aux_layer_ids=run.target.aux_layers or meta["taps"]["hf_hidden_states"])
     cfg, head_bytes = DraftModelConfig(**shape), DTYPES[run.target.dtype].itemsize
     online = not run.features.store  # the target runs next to the draft: its weights stay on the GPU
     target = int(meta["hardware"]["target_weights_gb"] * 1e9) - head_bytes * cfg.vocab_size * cfg.target_hidden_size
-    train = dict(ttt_steps=run.train.ttt_steps, precision=run.train.precision, attention=run.train.attention,
-                 checkpoint=run.train.gradient_checkpointing, grad_accum=run.train.grad_accum, head_bytes=head_bytes,
-                 feature_bytes=head_bytes,  # a store's rows are decoded to the target dtype too
-                 target_weights_bytes=target if online else 0)
-    return cfg, dict(train, target=meta.get("target", str(path)))
+    return cfg, dict(ttt_steps=run.train.ttt_steps, precision=run.train.precision, attention=run.train.attention,
+                     checkpoint=run.train.gradient_checkpointing, grad_accum=run.train.grad_accum,
+                     seq_len=run.data.max_length, batch=max(1, run.train.tokens_per_batch // run.data.max_length),
+                     head_bytes=head_bytes, feature_bytes=head_bytes,  # a store's rows are decoded to the target dtype
+                     target_weights_bytes=target if online else 0)
 
 
-def recipe_memory(cfg: DraftModelConfig, train: dict[str, Any], seq_len: int, checkpoint: bool) -> dict[str, Any]:
-    """`training_memory` of a recipe's draft (`recipe_shape`) as a GPU trains it: TTT 7, bf16, blockwise
-    attention, with the recipe's accumulation, feature / head dtypes and an online target's weights."""
-    return training_memory(cfg, seq_len, ttt_steps=7, precision="bf16", attention="blockwise", checkpoint=checkpoint,
+def recipe_shape(path: str | Path) -> tuple[DraftModelConfig, dict[str, Any]]:
+    """`recipe_settings` of a recipe file."""
+    return recipe_settings(*load_recipe(path))
+
+
+def recipe_memory(cfg: DraftModelConfig, train: dict[str, Any], seq_len: int | None = None,
+                  checkpoint: bool | None = None) -> dict[str, Any]:
+    """`training_memory` of a recipe's draft (`recipe_settings`) as a GPU trains it: blockwise attention, with
+    the recipe's TTT steps, precision, accumulation, feature / head dtypes and an online target's weights. One
+    sequence of `seq_len` tokens with `checkpoint`; by default the recipe's own micro-batch and checkpointing."""
+    own = seq_len is None
+    return training_memory(cfg, train["seq_len"] if own else seq_len, batch=train["batch"] if own else 1,
+                           ttt_steps=train["ttt_steps"], precision=train["precision"], attention="blockwise",
+                           checkpoint=train["checkpoint"] if checkpoint is None else checkpoint,
                            feature_bytes=train["feature_bytes"], head_bytes=train["head_bytes"],
                            grad_accum=train["grad_accum"], target_weights_bytes=train["target_weights_bytes"])
+
+
+def usable_gib(gpu: str) -> float:
+    """What a training step may take of `gpu`: torch's allocatable GiB less the UNCOUNTED_SHARE."""
+    return GPU_GIB[gpu] * (1 - UNCOUNTED_SHARE)
+
+
+def fits(peak_bytes: int, gpu: str) -> bool:
+    return peak_bytes <= usable_gib(gpu) * GIB
 
 
 def format_table(rows: list[dict[str, Any]], budget_gib: float | None = None) -> str:

@@ -315,9 +315,13 @@ class Trainer:
         return True
 
     def close(self) -> None:
-        """Leave the process group. The DDP wrapper goes first: its C++ reducer would otherwise be the
-        group's last owner and destroy it holding the GIL, which deadlocks with a gloo worker thread
-        that still has to release a tensor (seen with torch 2.13)."""
+        """Close the TensorBoard writer (its event file and writer thread would otherwise outlive the run
+        in a process that goes on, e.g. the demo's), then leave the process group. The DDP wrapper goes
+        first: its C++ reducer would otherwise be the group's last owner and destroy it holding the GIL,
+        which deadlocks with a gloo worker thread that still has to release a tensor (seen with torch 2.13)."""
+        if self._tb:
+            self._tb.close()
+        self._tb = None
         self.model = self.ttt
         gc.collect()
         self.dist.close()
