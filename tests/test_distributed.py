@@ -208,7 +208,7 @@ def test_targets_are_the_rows_the_unroll_supervises():
     batch = Batch(torch.arange(3), ids, attn, loss)
     out = ttt_forward(draft, ids, attn, loss, torch.randn(3, 11, 96, generator=g), torch.randn(3, 11, 32, generator=g),
                       torch.randn(64, 32, generator=g), steps=4)
-    assert torch.equal(batch.targets(4), out.count)
+    assert torch.equal(batch.step_counts(4), out.count)
     assert out.count[0] > out.count[3] > 0
 
 
@@ -225,7 +225,7 @@ def test_a_step_is_the_mean_over_all_its_targets(tmp_path, tiny_target_dir, smal
 
     split, whole = trainer(2), trainer(1)
     pair = split._epoch_batches(0)[:2]
-    first, second = (collate(split.train_set, p).targets(3) for p in pair)
+    first, second = (collate(split.train_set, p).step_counts(3) for p in pair)
     assert not torch.equal(first, second), "micro-batches with equal counts would not tell the difference"
     whole._positions = lambda number: pair[0] + pair[1]
     a, b = split.train_step(), whole.train_step()

@@ -32,7 +32,7 @@ class Batch:
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def targets(self, steps: int) -> torch.Tensor:
+    def step_counts(self, steps: int) -> torch.Tensor:
         """[steps] loss-masked tokens each TTT step predicts: step k predicts index t + 2 + k.
         Known before any forward, so a step's objective can be normalised by its global count. A
         target whose teacher argmax falls outside the draft vocabulary is counted but adds no loss."""

@@ -106,7 +106,7 @@ class TTTModel(nn.Module):
 
     def prepare(self, batch: Batch, train: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(inputs of the forward besides the batch's tokens and features, per-slot target counts)."""
-        return [], batch.targets(self.cfg.ttt_steps)
+        return [], batch.step_counts(self.cfg.ttt_steps)
 
     def objective(self, out: TTTOutput, targets: torch.Tensor) -> torch.Tensor:
         return ttt_objective(out, targets, self.cfg.step_decay)
