@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from draftforge.decode.draft_dir import load_decoder
-from draftforge.decode.plain import plain_generate
 from draftforge.decode.spec import SpecConfig
-from draftforge.eval.evaluate import evaluate_suite
+from draftforge.eval.evaluate import evaluate_suite, warm_up
 from draftforge.eval.ngram import NGRAM
 from draftforge.target.base import DTYPES
 
@@ -61,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     ngram = tuple(int(n) for n in args.ngram.split(","))
     if len(ngram) != 2 or not 1 <= ngram[0] <= ngram[1]:
         raise SystemExit(f"--ngram {args.ngram}: expected MIN,MAX with 1 <= MIN <= MAX")
-    warm = tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
-    decoder.generate([warm], SpecConfig(1, 2, 1, 3), 4)  # first-call overheads out of the timings
-    plain_generate(model, [warm], 4)
+    warm_up(decoder, tokenizer)
     results: dict[str, dict[str, Any]] = {}
     for name in args.suite:
         suite = load_suite(name, limit=args.limit)
