@@ -10,10 +10,10 @@ from torch import nn
 from transformers import DynamicCache
 
 from draftforge.decode.acceptance import pick
+from draftforge.decode.packed import packed_linears
 from draftforge.decode.target_runner import TargetRunner, left_pad, select_rows_cache
 
 
-@torch.no_grad()
 def plain_generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -25,8 +25,15 @@ def plain_generate(
     """New tokens for each prompt, decoded with a DynamicCache.
 
     Prompts of one length use the model's own masks (its fastest path). Ragged prompts are left
-    padded and get our 4D masks, in which every query sees itself (see `left_pad`).
+    padded and get our 4D masks, in which every query sees itself (see `left_pad`). The linears run
+    on packed weights, as the speculative decoders' do (`packed.py`).
     """
+    with torch.no_grad(), packed_linears(model):
+        return _plain(model, prompts, max_new_tokens, temperature, eos_token_ids, generator)
+
+
+def _plain(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+           eos_token_ids: Sequence[int], generator: torch.Generator | None) -> list[list[int]]:
     runner = TargetRunner(model, [])
     ids, valid, pos, attend = left_pad(prompts, runner.device)
     B = ids.shape[0]
