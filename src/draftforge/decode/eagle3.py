@@ -33,7 +33,7 @@ from draftforge.decode.acceptance import pick, reject_chain, sample, walk_tree
 from draftforge.decode.packed import packed_linears
 from draftforge.decode.plain import plain_generate
 from draftforge.decode.spec import SpecConfig, SpecOutput, SpecStats
-from draftforge.decode.target_runner import TargetRunner, keep_cache, left_pad, select_rows_cache
+from draftforge.decode.target_runner import TargetRunner, keep_cache, left_pad, select_rows_cache, slot_cache
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.hf import text_config
 
@@ -92,7 +92,7 @@ class SpeculativeDecoder:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], temperature: float, gen) -> tuple[_State, Tensor]:
         ids, valid, pos, attend = left_pad(prompts, self.target.device)
-        cache = DynamicCache()
+        cache = slot_cache()
         logits, aux = self.target.forward(ids, pos, cache, attend, pos, logits_to_keep=1)
         first = pick(logits[:, -1], temperature, gen)
         d_ids = torch.cat([ids[:, 1:], first[:, None]], dim=1)
