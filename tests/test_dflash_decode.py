@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from draftforge.decode.dflash import BlockDecoder
-from draftforge.decode.draft_dir import load_dflash_dir
+from draftforge.decode.draft_dir import load_decoder, load_dflash_dir
 from draftforge.decode.plain import plain_generate
 from draftforge.decode.spec import SpecConfig, SpecStats
 from draftforge.draft.dflash import DFlashDraft
@@ -235,4 +235,5 @@ def test_export_round_trip_same_logits(tmp_path, vocab):
 
     assert torch.equal(logits(draft), logits(loaded))
     dec = BlockDecoder(target, loaded)  # and it decodes exactly
+    assert type(load_decoder(out, target)) is BlockDecoder  # the family dispatch eval and benchmarks use
     assert dec.generate(PROMPTS[:2], CHAIN, 12).tokens == plain_generate(target, PROMPTS[:2], 12)

@@ -179,3 +179,18 @@ def test_fused_norm_and_swiglu_gradients():
     assert torch.allclose(mlp(y), expect, atol=1e-12)
     # bf16 activations with float32 weights (autocast): output keeps the activation dtype
     assert norm.float()(torch.randn(4, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_qkv_halves_kept_without_autograd_follow_the_weights():
+    """Decoding keeps q/k/v's halves between steps; a weight changed in place (an optimizer step) is seen."""
+    torch.manual_seed(0)
+    draft = Eagle3Draft(tiny_config())
+    h = draft.config.hidden_size
+    ids, hidden, pos = torch.tensor([[3, 1, 4]]), torch.randn(1, 3, h), torch.arange(3)[None]
+    with torch.no_grad():
+        first = draft.step(ids, hidden, pos)[0]
+        assert draft.midlayer._qkv_weight()[0] is draft.midlayer._qkv_weight()[0]  # kept, not rebuilt
+        draft.midlayer.self_attn.k_proj.weight.mul_(3.0)
+        changed = draft.step(ids, hidden, pos)[0]
+    assert not torch.equal(first, changed)
+    torch.testing.assert_close(changed, draft.step(ids, hidden, pos)[0])  # the autograd path, rebuilt each call

@@ -17,7 +17,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from draftforge.decode.draft_dir import load_draft_dir
+from draftforge.decode.draft_dir import load_decoder, load_draft_dir
 from draftforge.decode.eagle3 import SpeculativeDecoder
 from draftforge.decode.plain import plain_generate
 from draftforge.decode.spec import SpecConfig, SpecStats
@@ -343,6 +343,7 @@ def test_loader_reads_export(tmp_path, fmt):
     a = draft.logits(draft.step(ids, draft.project(aux), pos)[0])
     b = loaded.logits(loaded.step(ids, loaded.project(aux), pos)[0])
     assert torch.equal(a, b)
+    assert type(load_decoder(out, target)) is SpeculativeDecoder  # the family dispatch eval and benchmarks use
 
 
 def test_loader_aux_fallback_and_mismatch(tmp_path):

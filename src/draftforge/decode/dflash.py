@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from draftforge.decode.acceptance import pick, sample
 from draftforge.decode.eagle3 import SpeculativeDecoder, Tree
 from draftforge.decode.spec import SpecConfig
-from draftforge.decode.target_runner import left_pad, select_rows_cache
+from draftforge.decode.target_runner import left_pad, select_rows_cache, slot_cache
 from draftforge.draft.dflash import DFlashDraft
 
 
@@ -65,7 +65,7 @@ class BlockDecoder(SpeculativeDecoder):
     def _prefill(self, prompts: Sequence[Sequence[int]], temperature: float,  # type: ignore[override]
                  gen) -> tuple[_BlockState, Tensor]:
         ids, valid, pos, attend = left_pad(prompts, self.target.device)
-        cache = DynamicCache()
+        cache = slot_cache()
         logits, aux = self.target.forward(ids, pos, cache, attend, pos, logits_to_keep=1)
         first = pick(logits[:, -1], temperature, gen)
         k, v = self._context(aux, pos)

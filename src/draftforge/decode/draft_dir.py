@@ -1,5 +1,6 @@
 """Load an exported draft directory the way an engine does (EAGLE-3: SGLang / vLLM / speculators
-layouts; DFlash: vLLM's `qwen3_dflash`), so the built-in decoder measures what a server would run."""
+layouts; DFlash: vLLM's `qwen3_dflash`), so the built-in decoder measures what a server would run;
+`load_decoder` picks the decoder of the directory's family for every caller (eval, benchmarks)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from draftforge.decode.dflash import BlockDecoder
+from draftforge.decode.eagle3 import SpeculativeDecoder
 from draftforge.draft.config import DraftModelConfig, layer_fields
 from draftforge.draft.dflash import DFlashDraft
 from draftforge.draft.model import Eagle3Draft
 from draftforge.export.dflash_export import read_config
-from draftforge.layouts import MIDLAYER, aux_layer_ids_of, eagle3_layer
+from draftforge.layouts import MIDLAYER, aux_layer_ids_of, eagle3_layer, is_dflash
 from draftforge.target.hf import text_config
 
 
@@ -106,3 +109,11 @@ def load_dflash_dir(path: str | Path, target_model: nn.Module | None = None,
     if target_model is not None:
         draft.load_target_head(target_model.get_output_embeddings().weight.detach().to(dtype))
     return draft
+
+
+def load_decoder(path: str | Path, target_model: nn.Module, dtype: torch.dtype = torch.float32) -> SpeculativeDecoder:
+    """The built-in decoder for an exported directory: a `BlockDecoder` over its DFlash draft, else a
+    `SpeculativeDecoder` over its EAGLE-3 draft (the family is read from config.json, as engines do)."""
+    if is_dflash(json.loads((Path(path) / "config.json").read_text())):  # docs/dflash.md
+        return BlockDecoder(target_model, load_dflash_dir(path, target_model, dtype))
+    return SpeculativeDecoder(target_model, load_draft_dir(path, target_model, dtype))

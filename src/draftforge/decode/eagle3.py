@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from draftforge.decode.acceptance import pick, reject_chain, sample, walk_tree
+from draftforge.decode.packed import packed_linears
 from draftforge.decode.plain import plain_generate
 from draftforge.decode.spec import SpecConfig, SpecOutput, SpecStats
-from draftforge.decode.target_runner import TargetRunner, keep_cache, left_pad, select_rows_cache
+from draftforge.decode.target_runner import TargetRunner, keep_cache, left_pad, select_rows_cache, slot_cache
 from draftforge.draft.model import Eagle3Draft
 from draftforge.target.hf import text_config
 
@@ -91,7 +92,7 @@ class SpeculativeDecoder:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], temperature: float, gen) -> tuple[_State, Tensor]:
         ids, valid, pos, attend = left_pad(prompts, self.target.device)
-        cache = DynamicCache()
+        cache = slot_cache()
         logits, aux = self.target.forward(ids, pos, cache, attend, pos, logits_to_keep=1)
         first = pick(logits[:, -1], temperature, gen)
         d_ids = torch.cat([ids[:, 1:], first[:, None]], dim=1)
@@ -270,7 +271,13 @@ class SpeculativeDecoder:
         eos_token_ids: Sequence[int] = (),
         generator: torch.Generator | None = None,
     ) -> SpecOutput:
-        """New tokens for each prompt (all prompts decoded together as one batch)."""
+        """New tokens for each prompt (all prompts decoded together as one batch); the target's and the
+        draft's linears run on packed weights (`packed.py`)."""
+        with packed_linears(self.target.model, self.draft):
+            return self._generate(prompts, spec, max_new_tokens, temperature, eos_token_ids, generator)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], spec: SpecConfig, max_new_tokens: int, temperature: float,
+                  eos_token_ids: Sequence[int], generator: torch.Generator | None) -> SpecOutput:
         stats = SpecStats(steps=spec.steps)
         outs: list[list[int]] = [[] for _ in prompts]
         if max_new_tokens <= 0:

@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from draftforge.decode.acceptance import pick
-from draftforge.decode.target_runner import TargetRunner, left_pad, select_rows_cache
+from draftforge.decode.packed import packed_linears
+from draftforge.decode.target_runner import TargetRunner, left_pad, select_rows_cache, slot_cache
 
 
-@torch.no_grad()
 def plain_generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -22,16 +21,23 @@ def plain_generate(
     eos_token_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt, decoded with a DynamicCache.
+    """New tokens for each prompt, decoded with an in-place KV cache (`slot_cache`).
 
     Prompts of one length use the model's own masks (its fastest path). Ragged prompts are left
-    padded and get our 4D masks, in which every query sees itself (see `left_pad`).
+    padded and get our 4D masks, in which every query sees itself (see `left_pad`). The linears run
+    on packed weights, as the speculative decoders' do (`packed.py`).
     """
+    with torch.no_grad(), packed_linears(model):
+        return _plain(model, prompts, max_new_tokens, temperature, eos_token_ids, generator)
+
+
+def _plain(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+           eos_token_ids: Sequence[int], generator: torch.Generator | None) -> list[list[int]]:
     runner = TargetRunner(model, [])
     ids, valid, pos, attend = left_pad(prompts, runner.device)
     B = ids.shape[0]
     padded = not bool(valid.all())
-    cache = DynamicCache()
+    cache = slot_cache()
     if padded:
         logits, _ = runner.forward(ids, pos, cache, attend, pos, logits_to_keep=1)
     else:

@@ -1,7 +1,9 @@
-"""The target, driven with our own masks and positions, and the KV-cache surgery the decoders share.
+"""The target, driven with our own masks and positions, and the KV cache and its surgery the decoders share.
 
 Cache slots are never shifted per row: a validity mask and explicit per-slot positions make holes
-(left padding, a row that accepted fewer tokens than the longest one) invisible.
+(left padding, a row that accepted fewer tokens than the longest one) invisible. The cache
+(`slot_cache`) appends in place into buffers that grow by doubling, where HF's DynamicCache copies
+every layer's whole cache at every step, and the commit's surgery (`keep_cache`) writes in place too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from draftforge.target.hf import decoder_layers, text_config
 
@@ -99,16 +102,70 @@ def left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Te
     return ids, valid, pos, attend
 
 
+class _SlotLayer(DynamicLayer):
+    """A DynamicLayer whose keys / values are the first `length` slots of buffers with room to spare.
+
+    `update` writes the new entries in place (growing a buffer to twice what it needs when full);
+    assigning a prefix view of the buffer (`crop`, `keep_cache`) shortens the layer in place, any
+    other tensor (a row selection) becomes the new buffer.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        self._buf: dict[str, Tensor | None] = {"keys": None, "values": None}
+        self.length = 0
+        super().__init__(**kwargs)
+
+    def _get(self, name: str) -> Tensor | None:
+        buf = self._buf[name]
+        return buf if buf is None or buf.dim() < 4 else buf[:, :, : self.length]
+
+    def _set(self, name: str, x: Tensor | None) -> None:
+        buf = self._buf[name]
+        if x is None or x.dim() < 4:  # unset, or DynamicLayer's empty placeholder
+            self._buf[name], self.length = x, 0
+        elif buf is not None and buf.dim() == 4 and x.data_ptr() == buf.data_ptr() and x.stride() == buf.stride():
+            self.length = x.shape[2]  # a prefix view of the buffer
+        else:
+            self._buf[name], self.length = x, x.shape[2]
+
+    keys = property(lambda self: self._get("keys"), lambda self, x: self._set("keys", x))  # type: ignore[assignment]
+    values = property(lambda self: self._get("values"), lambda self, x: self._set("values", x))  # type: ignore[assignment]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = self.length, key_states.shape[2]
+        for name, new in (("keys", key_states), ("values", value_states)):
+            buf = self._buf[name]
+            if buf is None or buf.dim() < 4 or buf.shape[2] < n + t:
+                grown = new.new_empty(*new.shape[:2], 2 * (n + t), new.shape[3])
+                if n:
+                    grown[:, :, :n] = buf[:, :, :n]
+                self._buf[name] = buf = grown
+            buf[:, :, n : n + t] = new
+        self.length = n + t
+        return self.keys, self.values
+
+
+def slot_cache() -> DynamicCache:
+    """An empty target cache that appends in place (`_SlotLayer`); HF's models take it as a DynamicCache."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _SlotLayer
+    return cache
+
+
 def _gather_seq(x: Tensor, index: Tensor) -> Tensor:
     """x [B, H, S, D], index [B, R] -> x[b, :, index[b], :]."""
     return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
 def keep_cache(cache: DynamicCache, keep_from: int, index: Tensor) -> None:
-    """Keep slots [0, keep_from) and, after them, the slots keep_from + index[b] of each row."""
+    """Keep slots [0, keep_from) and, after them, the slots keep_from + index[b] of each row (in place)."""
+    end = keep_from + index.shape[1]
     for layer in cache.layers:
-        layer.keys = torch.cat([layer.keys[:, :, :keep_from], _gather_seq(layer.keys, keep_from + index)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :keep_from], _gather_seq(layer.values, keep_from + index)], dim=2)
+        for x in (layer.keys, layer.values):
+            x[:, :, keep_from:end] = _gather_seq(x, keep_from + index)
+        layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
 
 
 def select_rows_cache(cache: DynamicCache, rows: Tensor) -> None:

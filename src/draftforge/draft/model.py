@@ -156,13 +156,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._qkv_kept: tuple[tuple, tuple[Tensor, Tensor]] | None = None
 
     def _qkv_weight(self) -> tuple[Tensor, Tensor]:
-        """[q; k; v] projection split into the columns reading the embedding and the hidden."""
+        """[q; k; v] projection split into the columns reading the embedding and the hidden. Without
+        autograd (decoding) the two halves are kept, contiguous, until a weight changes: rebuilding
+        them copied the whole projection twice per draft step."""
         a = self.self_attn
-        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        if not torch.is_grad_enabled() and self._qkv_kept is not None and self._qkv_kept[0] == key:
+            return self._qkv_kept[1]
+        w = torch.cat(weights)
         h = w.shape[1] // 2
-        return w[:, :h], w[:, h:]
+        if torch.is_grad_enabled():
+            return w[:, :h], w[:, h:]
+        self._qkv_kept = key, (w[:, :h].contiguous(), w[:, h:].contiguous())
+        return self._qkv_kept[1]
 
     def embed_part(self, emb: Tensor) -> Tensor:
         """input_layernorm(emb) through the embedding half of q/k/v: [B, T, (Hq+2Hkv)*D].

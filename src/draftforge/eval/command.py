@@ -5,20 +5,16 @@ the same prompts; JSON, table and chart (eval/report.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from draftforge.decode.draft_dir import load_dflash_dir, load_draft_dir
-from draftforge.decode.eagle3 import SpeculativeDecoder
-from draftforge.decode.plain import plain_generate
+from draftforge.decode.draft_dir import load_decoder
 from draftforge.decode.spec import SpecConfig
-from draftforge.eval.evaluate import evaluate_suite
+from draftforge.eval.evaluate import evaluate_suite, warm_up
 from draftforge.eval.ngram import NGRAM
-from draftforge.layouts import is_dflash
 from draftforge.target.base import DTYPES
 
 
@@ -59,21 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     for finding in check_draft_dir(args.draft, model.config.to_dict()):  # what an engine would object to
         print(f"{finding.level.upper():5} {args.draft}: {finding.message}")
-    if is_dflash(json.loads((Path(args.draft) / "config.json").read_text())):  # a block draft (docs/dflash.md)
-        from draftforge.decode.dflash import BlockDecoder
-
-        draft = load_dflash_dir(args.draft, model, dtype)
-        decoder = BlockDecoder(model, draft)
-    else:
-        draft = load_draft_dir(args.draft, model, dtype)
-        decoder = SpeculativeDecoder(model, draft)
+    decoder = load_decoder(args.draft, model, dtype)
     configs = [SpecConfig.parse(c) for c in args.configs]
     ngram = tuple(int(n) for n in args.ngram.split(","))
     if len(ngram) != 2 or not 1 <= ngram[0] <= ngram[1]:
         raise SystemExit(f"--ngram {args.ngram}: expected MIN,MAX with 1 <= MIN <= MAX")
-    warm = tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
-    decoder.generate([warm], SpecConfig(1, 2, 1, 3), 4)  # first-call overheads out of the timings
-    plain_generate(model, [warm], 4)
+    warm_up(decoder, tokenizer)
     results: dict[str, dict[str, Any]] = {}
     for name in args.suite:
         suite = load_suite(name, limit=args.limit)
@@ -93,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "device": str(decoder.target.device),
-        "aux_layer_ids": draft.config.aux_layer_ids,
+        "aux_layer_ids": decoder.draft.config.aux_layer_ids,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out = Path(args.out)

@@ -1,5 +1,5 @@
 """One decoder config over one prompt suite: plain and speculative decoding side by side (τ, α_k,
-tokens/s, speedup, greedy match) and n-gram prompt lookup's τ on the same prompts."""
+tokens/s, speedup, greedy match) and n-gram prompt lookup's τ on the same prompts; `warm_up` first."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from draftforge.decode.eagle3 import SpeculativeDecoder
 from draftforge.decode.plain import eos_ids, plain_generate
 from draftforge.decode.spec import SpecConfig, SpecStats
 from draftforge.eval.ngram import NGRAM, LookupStats
+
+
+def warm_up(decoder: SpeculativeDecoder, tokenizer: Any) -> None:
+    """A few tokens of both decoders, so first-call overheads stay out of the timings."""
+    warm = tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+    decoder.generate([warm], SpecConfig(1, 2, 1, 3), 4)
+    plain_generate(decoder.target.model, [warm], 4)
 
 
 def evaluate_suite(
@@ -94,6 +101,9 @@ def evaluate_suite(
         "position_acceptance": stats.position_rate,
         "throughput": spec_tps,
         "latency": sum(latencies) / max(1, len(latencies)),  # seconds per generate call (one batch of prompts)
+        "wall_s": spec_s,  # seconds in speculative generate calls (bench's name for its suite's wall time)
+        "plain_new_tokens": plain_tok if baseline else None,
+        "plain_wall_s": plain_s if baseline else None,
         "plain_throughput": plain_tps,
         "plain_latency": plain_s / max(1, len(latencies)) if baseline else None,
         "speedup": spec_tps / max(plain_tps, 1e-9) if plain_tps else None,
