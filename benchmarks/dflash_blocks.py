@@ -37,16 +37,19 @@ def block_configs(block: int) -> dict[str, str]:
     return whole if block <= 4 else {**whole, "k3": "1,3,1,4"}
 
 
-def measure_block(block: int, out: Path, prompts: int, max_new_tokens: int, vllm: bool) -> dict[str, Any]:
-    """Train (or resume), export and measure one block size."""
+def measure_block(block: int, layers: int, out: Path, prompts: int, max_new_tokens: int, vllm: bool
+                  ) -> dict[str, Any]:  # fmt: skip
+    """Train (or resume), export and measure one block size and depth."""
     data = repo_root() / TRAINABLE[RECIPE]["data"]
     config = load_config(repo_root() / "recipes" / f"{RECIPE}.yaml",
-                         [f"data.sources=[{data}]", f"train.out_dir={out / 'train'}", f"draft.block_size={block}"])
+                         [f"data.sources=[{data}]", f"train.out_dir={out / 'train'}", f"draft.block_size={block}",
+                          f"draft.num_layers={layers}"])
     trained = train(config, out)
     draft = export(trained["run_dir"], out)["vllm"]
     final = trained["final"]
     return {
         "block_size": block,
+        "num_layers": layers,
         "tokens_trained": trained["tokens_trained"],
         "train_minutes": round(trained["tokens_trained"] / final["tok_per_s"] / 60, 1),
         "heldout_cond_tau": round(final.get("eval_cond_tau", 0.0), 3),
@@ -55,6 +58,15 @@ def measure_block(block: int, out: Path, prompts: int, max_new_tokens: int, vllm
         "vllm": measure_vllm(draft, "smollm2", out, prompts, max_new_tokens)
         if vllm or (out / "vllm_bench.json").exists() else None,  # a served draft stays in the report
     }
+
+
+def earlier_rows(path: Path, prompts: int, max_new_tokens: int) -> list[dict[str, Any]]:
+    """Rows an earlier call measured on the same prompts (other sizes or depths stay in the report)."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    same = report.get("eval") == {"suite": "mtbench", "prompts": prompts, "max_new_tokens": max_new_tokens}
+    return report["blocks"] if same else []
 
 
 def eagle3_reference() -> dict[str, Any] | None:
@@ -71,7 +83,8 @@ def plot(report: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["blocks"]
-    labels = [f"block {r['block_size']}" for r in rows]
+    labels = [f"block {r['block_size']}" + (f", {r['num_layers']} layers" if r.get("num_layers", 1) > 1 else "")
+              for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["builtin"]["block"]["tau"] for r in rows], 0.4, label="DFlash, whole block")
@@ -91,6 +104,7 @@ def plot(report: dict[str, Any], png: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16], help="block sizes to train")
+    parser.add_argument("--layers", type=int, default=1, help="draft layers (the recipe's 1; more cost more per step)")
     parser.add_argument("--runs", type=Path, default=Path("runs/dflash_blocks"), help="work dir (bN per size)")
     parser.add_argument("--eval-prompts", type=int, default=10, help="MT-bench conversations (both turns)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -104,22 +118,25 @@ def main() -> None:
         "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores",
         "eval": {"suite": "mtbench", "prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens},
         "eagle3": eagle3_reference(),
-        "blocks": [],
+        "blocks": earlier_rows(args.out, args.eval_prompts, args.max_new_tokens),
     }
     for block in args.blocks:
         served = args.vllm is not None and (not args.vllm or block in args.vllm)
-        report["blocks"].append(measure_block(block, args.runs / f"b{block}", args.eval_prompts,
-                                              args.max_new_tokens, served))
-        report["load_average"] = os.getloadavg()
+        name = f"b{block}" + (f"-l{args.layers}" if args.layers != 1 else "")
+        row = measure_block(block, args.layers, args.runs / name, args.eval_prompts, args.max_new_tokens, served)
+        row["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        rows = [r for r in report["blocks"] if (r["block_size"], r.get("num_layers", 1)) != (block, args.layers)]
+        report["blocks"] = sorted([*rows, row], key=lambda r: (r.get("num_layers", 1), r["block_size"]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")  # each finished size is kept
     plot(report, args.out.with_suffix(".png"))
-    print("block  K  train min  held-out cond τ  τ whole block  n-gram τ  τ at K=3  n-gram τ  vLLM τ / speedup")
+    print("block layers  K  train min  held-out cond τ  τ whole block  n-gram τ  τ at K=3  n-gram τ  vLLM τ / speedup")
     for r in report["blocks"]:
         b, v = r["builtin"], r["vllm"]
         k3 = b.get("k3", b["block"])
         served = f"{v['tau']:.2f} / {v['speedup']:.2f}x" if v else "not run"
-        print(f"{r['block_size']:5d} {r['block_size'] - 1:2d} {r['train_minutes']:10.1f} {r['heldout_cond_tau']:16.3f} "
+        print(f"{r['block_size']:5d} {r['num_layers']:6d} {r['block_size'] - 1:2d} {r['train_minutes']:10.1f} "
+              f"{r['heldout_cond_tau']:16.3f} "
               f"{b['block']['tau']:14.3f} {b['block'].get('ngram_tau', 0):9.3f} {k3['tau']:9.3f} "
               f"{k3.get('ngram_tau', 0):9.3f}  {served}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

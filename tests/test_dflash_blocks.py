@@ -29,3 +29,12 @@ def test_the_chart_draws_blocks_beside_the_eagle3_row(tmp_path):
     png = tmp_path / "blocks.png"
     _module().plot(report, png)
     assert png.stat().st_size > 1000
+
+
+def test_rows_measured_on_other_prompts_are_not_kept(tmp_path):
+    earlier = _module().earlier_rows
+    path = tmp_path / "blocks.json"
+    assert earlier(path, 10, 64) == []
+    path.write_text('{"eval": {"suite": "mtbench", "prompts": 10, "max_new_tokens": 64}, "blocks": [{"block_size": 4}]}')
+    assert earlier(path, 10, 64) == [{"block_size": 4}]
+    assert earlier(path, 30, 128) == []  # another yardstick: its τ does not compare
