@@ -1,6 +1,7 @@
 """benchmarks/dflash_blocks.py: which configs each block size is decoded at, and its chart."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dflash_blocks.py"
@@ -35,6 +36,7 @@ def test_rows_measured_on_other_prompts_are_not_kept(tmp_path):
     earlier = _module().earlier_rows
     path = tmp_path / "blocks.json"
     assert earlier(path, 10, 64) == []
-    path.write_text('{"eval": {"suite": "mtbench", "prompts": 10, "max_new_tokens": 64}, "blocks": [{"block_size": 4}]}')
+    eval_ = {"suite": "mtbench", "prompts": 10, "max_new_tokens": 64}
+    path.write_text(json.dumps({"eval": eval_, "blocks": [{"block_size": 4}]}))
     assert earlier(path, 10, 64) == [{"block_size": 4}]
     assert earlier(path, 30, 128) == []  # another yardstick: its τ does not compare
