@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -77,3 +78,26 @@ def kill_after_checkpoint(cmd: list[str], env: dict[str, str], out: Path, step: 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return latest()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (`pytestmark = pytest.mark.usefixtures("one_thread")`): the machine's 2 cores
+    are shared, and a second thread only adds contention to small decoding steps."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_script(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module (benchmarks/ is scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

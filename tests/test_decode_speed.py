@@ -1,7 +1,6 @@
 """benchmarks/decode_speed.py: its rows count the tokens and cycles that decoding really produced, and
 derive the cycle cost and speedup from the measured times; the vLLM row comes from bench's entries."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,23 +16,16 @@ from draftforge.export.formats import export_draft
 sys.path.insert(0, str(Path(__file__).parent))
 from test_speculate import fake_checkpoint, random_draft  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
+from tests.conftest import load_script
+
 CHAIN = SpecConfig(1, 3, 1, 4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("decode_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("decode_speed")
 
 
 def test_cycle_row_is_the_measured_times_divided():

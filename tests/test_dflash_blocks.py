@@ -1,17 +1,12 @@
 """benchmarks/dflash_blocks.py: which configs each block size is decoded at, and its chart."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dflash_blocks.py"
+from tests.conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("dflash_blocks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("dflash_blocks")
 
 
 def test_a_block_is_decoded_whole_and_at_the_eagle3_chains_depth():

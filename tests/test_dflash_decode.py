@@ -31,12 +31,7 @@ from tiny_models import tiny_model  # noqa: E402
 CHAIN, FULL = SpecConfig(1, 3, 1, 4), SpecConfig(1, 5, 1, 6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_block_draft(target, vocab: int | None = None, seed: int = 1, dtype=torch.float64, cls=DFlashDraft,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from draftforge.eval.ngram import LookupStats, propose
-from tests.test_speculate import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_longest_suffix_then_earliest_occurrence():

@@ -17,15 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_speculate import PROMPTS, oracle_for, random_draft  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+pytestmark = [pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch"),
+              pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_packed_only_inside_the_block_and_rows_do_not_depend_on_their_neighbours():

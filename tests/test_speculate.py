@@ -31,13 +31,7 @@ from tiny_models import tiny_config, tiny_model  # noqa: E402
 CHAIN, TREE, WIDE = SpecConfig(1, 3, 1, 4), SpecConfig(1, 4, 3, 8), SpecConfig(3, 3, 2, 6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's 2 cores are shared; a second intra-op thread only adds contention here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_draft(target, draft_vocab: int | None = None, seed: int = 1, dtype=torch.float64, cls=Eagle3Draft, **kw):

@@ -1,19 +1,15 @@
 """benchmarks/tau_per_minute.py reads a run's held-out evaluations as (minutes, cond τ) points."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tau_per_minute.py"
+from tests.conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("tau_per_minute", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tau_per_minute")
 
 
 def _write(run: Path, rows: list[dict]) -> Path:
