@@ -54,12 +54,12 @@ def last_metrics(metrics_jsonl: Path) -> dict[str, float]:
 def export(run_dir: str | Path, out: Path) -> dict[str, str]:
     """The engine layouts of the run's draft family, each passed through `export --check`: SGLang/vLLM
     and speculators for EAGLE-3; vLLM's qwen3_dflash (which SGLang reads too) for DFlash."""
-    from draftforge.export.formats import check_draft_dir, export_draft, resolve_checkpoint
+    from draftforge.export.formats import check_draft_dir, export_draft, is_dflash_checkpoint, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run_dir)
-    family = json.loads((ckpt / "trainer_state.json").read_text())["draft_config"].get("family")
-    layouts = [("vllm", "draft-dflash")] if family == "dflash" else [("sglang", "draft-sglang"),
-                                                                      ("speculators", "draft-speculators")]
+    dflash = is_dflash_checkpoint(json.loads((ckpt / "trainer_state.json").read_text()))
+    eagle3 = [("sglang", "draft-sglang"), ("speculators", "draft-speculators")]
+    layouts = [("vllm", "draft-dflash")] if dflash else eagle3
     exported = {}
     for fmt, name in layouts:
         path = out / name

@@ -142,6 +142,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def is_dflash_checkpoint(state: dict) -> bool:
+    """A checkpoint's trainer_state.json holds a DFlash draft (one engine layout, read by vLLM and SGLang alike)."""
+    return state["draft_config"].get("family") == "dflash"
+
+
 def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bfloat16") -> Path:
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
     if fmt not in FORMATS:
@@ -149,7 +154,7 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
     state = json.loads((ckpt / "trainer_state.json").read_text())
     target = state.get("identity", {}).get("target_name") or state.get("identity", {}).get("target", "TARGET")
     weights = load_file(ckpt / "model.safetensors")
-    if state["draft_config"].get("family") == "dflash":  # one layout, read by vLLM and SGLang alike
+    if is_dflash_checkpoint(state):
         from draftforge.draft.dflash_config import DFlashConfig
         from draftforge.export.dflash_export import export_dflash
 
