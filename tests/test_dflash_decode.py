@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from draftforge.decode.dflash import BlockDecoder
@@ -116,6 +117,41 @@ def test_greedy_equality_oracle_draft(family):
     assert out.tokens == refs and out.stats.tau > 2.5
     with pytest.raises(ValueError, match="chain"):
         dec.generate(PROMPTS[:1], SpecConfig(1, 6, 1, 7), 8)  # longer than the trained block
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("vocab", [None, 300])
+def test_float32_head_runs_packed(vocab):
+    """Decoding in float32, the draft's logits go through its head's packed forward (decode/packed.py),
+    the target's lm_head for a full vocabulary: each row's logits independent of the rows beside it,
+    close to F.linear's, greedy equality kept; outside decoding the head is a plain linear again."""
+    target = tiny_model("llama", dtype=torch.float32)
+    refs = plain_generate(target, PROMPTS, 24)
+    draft = random_block_draft(target, vocab=vocab, dtype=torch.float32)
+    head, logits, seen = draft.head(), draft.logits, []
+
+    def spy(pre):
+        packed = vars(head)["forward"]  # KeyError when decoding did not pack the head
+        assert vocab is None or "forward" not in vars(draft.shared_head)  # unused: not packed
+        calls = []
+        head.forward = lambda x: (calls.append(len(x)), packed(x))[1]
+        out = logits(pre)
+        flat = pre.reshape(-1, pre.shape[-1])
+        rows = torch.cat([logits(flat[i : i + 1]) for i in range(len(flat))])
+        head.forward = packed
+        assert calls, "the logits did not go through the head's packed forward"
+        seen.append((out.reshape(rows.shape), rows, F.linear(draft.norm(flat), head.weight)))
+        return out
+
+    draft.logits = spy
+    dec = BlockDecoder(target, draft)
+    assert [dec.generate([p], CHAIN, 24).tokens[0] for p in PROMPTS] == refs
+    assert dec.generate(PROMPTS, CHAIN, 24).tokens == refs
+    del draft.logits
+    assert seen and "forward" not in vars(head)
+    for out, rows, ref in seen:
+        assert torch.equal(out, rows)
+        torch.testing.assert_close(out, ref)
 
 
 def test_drafted_block_is_the_training_computation():

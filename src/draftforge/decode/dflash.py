@@ -58,6 +58,12 @@ class BlockDecoder(SpeculativeDecoder):
     def __init__(self, target: nn.Module, draft: DFlashDraft) -> None:
         super().__init__(target, draft)  # type: ignore[arg-type]  # the same taps / vocabulary interface
 
+    def _draft_linears(self) -> tuple[nn.Module, ...]:
+        """The draft and, for a full vocabulary, its head: the target's lm_head, held outside its modules
+        (a reduced vocabulary's own head is one of them, and the target's is then unused)."""
+        d = self.draft
+        return (d,) if d.lm_head is not None or d.shared_head is None else (d, d.shared_head)
+
     def _context(self, aux: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         kv = self.draft.context_kv(self.draft.context(aux.to(self.ddtype)), pos)
         return torch.stack([k for k, _ in kv], 1), torch.stack([v for _, v in kv], 1)

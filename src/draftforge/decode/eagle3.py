@@ -273,8 +273,12 @@ class SpeculativeDecoder:
     ) -> SpecOutput:
         """New tokens for each prompt (all prompts decoded together as one batch); the target's and the
         draft's linears run on packed weights (`packed.py`)."""
-        with packed_linears(self.target.model, self.draft):
+        with packed_linears(self.target.model, *self._draft_linears()):
             return self._generate(prompts, spec, max_new_tokens, temperature, eos_token_ids, generator)
+
+    def _draft_linears(self) -> tuple[nn.Module, ...]:
+        """The draft's modules that decoding packs (`generate`)."""
+        return (self.draft,)
 
     def _generate(self, prompts: Sequence[Sequence[int]], spec: SpecConfig, max_new_tokens: int, temperature: float,
                   eos_token_ids: Sequence[int], generator: torch.Generator | None) -> SpecOutput:

@@ -120,7 +120,7 @@ class DFlashDraft(TargetTiedDraft):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         # own head only for a reduced vocabulary; otherwise the target's (`load_target_head`)
         self.lm_head = None if c.full_vocab else nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
-        self.shared_head: Tensor | None = None  # deliberately not a parameter or buffer: never saved
+        self.shared_head: nn.Linear | None = None  # the target's, by reference; not registered: never saved
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
         t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
         t2d[: c.draft_vocab_size] = True
@@ -132,7 +132,11 @@ class DFlashDraft(TargetTiedDraft):
         """Use the target's lm_head [V, H] (by reference) when the draft has no head of its own."""
         if self.lm_head is None and tuple(weight.shape) != (self.config.vocab_size, self.config.hidden_size):
             raise ValueError(f"target lm_head {tuple(weight.shape)} does not fit this draft")
-        self.shared_head = weight.detach()
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        head.weight = nn.Parameter(weight.detach(), requires_grad=False)  # the same storage
+        # a module, so decoding packs it like the draft's own linears (decode/dflash.py); set past
+        # nn.Module's registration, as a shared k_norm is: no parameter of the draft, never saved or moved
+        object.__setattr__(self, "shared_head", head)
 
     @torch.no_grad()
     def head_from_target(self, head_weight: Tensor, norm_weight: Tensor) -> None:
@@ -145,13 +149,17 @@ class DFlashDraft(TargetTiedDraft):
             rows = self.to_target_ids(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
             self.lm_head.weight.copy_(head_weight.index_select(0, rows.to(head_weight.device)))
 
-    def head_weight(self) -> Tensor:
-        """[Dv, H]: the own reduced-vocabulary head, or the target's."""
+    def head(self) -> nn.Linear:
+        """The output layer [Dv, H]: the own reduced-vocabulary head, or the target's."""
         if self.lm_head is not None:
-            return self.lm_head.weight
+            return self.lm_head
         if self.shared_head is None:
             raise RuntimeError("full-vocabulary DFlash draft without the target's lm_head (load_target_head)")
         return self.shared_head
+
+    def head_weight(self) -> Tensor:
+        """[Dv, H]: the own reduced-vocabulary head's weight, or the target's."""
+        return self.head().weight
 
     # ---- forward pieces --------------------------------------------------------------------------
 
@@ -176,9 +184,10 @@ class DFlashDraft(TargetTiedDraft):
         return h.view(B, N, T, -1)
 
     def logits(self, prenorm: Tensor) -> Tensor:
-        """Draft-vocabulary logits of pre-norm outputs."""
-        x = self.norm(prenorm)
-        return F.linear(x, self.head_weight().to(x.dtype))
+        """Draft-vocabulary logits of pre-norm outputs: through the head module in its own dtype (on a
+        packed weight while decoding in float32), else on the head's weight cast to the outputs' dtype."""
+        x, head = self.norm(prenorm), self.head()
+        return head(x) if head.weight.dtype == x.dtype else F.linear(x, head.weight.to(x.dtype))
 
     def block_ids(self, first: Tensor) -> Tensor:
         """[..., block_size] block inputs: the given first tokens, then mask tokens."""
