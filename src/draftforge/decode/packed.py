@@ -16,7 +16,6 @@ float32 weights); a weight changed in place or replaced is packed again on the n
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -24,8 +23,10 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from draftforge.draft.weight_cache import WeightCache
+
 PACK_ROWS = 4  # oneDNN's hint for the rows per call: a chain of 3 verified, and fast for 1 to 8 rows
-_packs: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], Tensor]] = weakref.WeakKeyDictionary()
+_packs: WeightCache[Tensor] = WeightCache()
 
 
 def _packable(m: nn.Module) -> bool:
@@ -34,12 +35,7 @@ def _packable(m: nn.Module) -> bool:
 
 
 def _packed(m: nn.Linear) -> Tensor:
-    key = (m.weight.data_ptr(), m.weight._version)
-    hit = _packs.get(m)
-    if hit is None or hit[0] != key:
-        hit = key, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS)
-        _packs[m] = hit
-    return hit[1]
+    return _packs.get(m, [m.weight], lambda: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS))
 
 
 def _forward(packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:

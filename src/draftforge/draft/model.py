@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftforge.draft.config import DraftModelConfig
+from draftforge.draft.weight_cache import WeightCache
 
 
 class RMSNorm(nn.Module):
@@ -148,6 +149,16 @@ class MLP(nn.Module):
 
 
 
+def _halves(w: Tensor, contiguous: bool = False) -> tuple[Tensor, Tensor]:
+    """[out, 2h] -> its first and second h columns (views, or contiguous copies)."""
+    h = w.shape[1] // 2
+    first, second = w[:, :h], w[:, h:]
+    return (first.contiguous(), second.contiguous()) if contiguous else (first, second)
+
+
+_QKV_KEPT: WeightCache[tuple[Tensor, Tensor]] = WeightCache()
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DraftModelConfig) -> None:
         super().__init__()
@@ -156,7 +167,6 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self._qkv_kept: tuple[tuple, tuple[Tensor, Tensor]] | None = None
 
     def _qkv_weight(self) -> tuple[Tensor, Tensor]:
         """[q; k; v] projection split into the columns reading the embedding and the hidden. Without
@@ -164,15 +174,9 @@ class DecoderLayer(nn.Module):
         them copied the whole projection twice per draft step."""
         a = self.self_attn
         weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
-        if not torch.is_grad_enabled() and self._qkv_kept is not None and self._qkv_kept[0] == key:
-            return self._qkv_kept[1]
-        w = torch.cat(weights)
-        h = w.shape[1] // 2
         if torch.is_grad_enabled():
-            return w[:, :h], w[:, h:]
-        self._qkv_kept = key, (w[:, :h].contiguous(), w[:, h:].contiguous())
-        return self._qkv_kept[1]
+            return _halves(torch.cat(weights))
+        return _QKV_KEPT.get(self, weights, lambda: _halves(torch.cat(weights), contiguous=True))
 
     def embed_part(self, emb: Tensor) -> Tensor:
         """input_layernorm(emb) through the embedding half of q/k/v: [B, T, (Hq+2Hkv)*D].
