@@ -144,7 +144,7 @@ def test_draft_learns_on_a_tiny_target(tmp_path, tiny_target_dir, small_conversa
 
     config = load_config(None, [
         f"target.path={tiny_target_dir}", f"data.sources=[{small_conversations}]", "target.dtype=float32",
-        "data.max_length=128", "data.eval_fraction=0", "draft.draft_vocab_size=49152", "train.precision=bf16",
+        "data.max_length=128", "data.eval_fraction=0", "draft.draft_vocab_size=49152", "train.precision=auto",
         "train.ttt_steps=2", "train.tokens_per_batch=1024", "train.max_steps=30", "train.warmup_steps=2",
         "train.save_every=1000", "train.eval_every=0", "train.lr=3e-3", "train.threads=1",
         f"train.out_dir={tmp_path / 'run'}",

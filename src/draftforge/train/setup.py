@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draftforge.config import RunConfig
+from draftforge.config import RunConfig, native_bf16
 from draftforge.data.batch import Batch, collate
 from draftforge.data.split import split_eval
 from draftforge.draft.config import DraftModelConfig
@@ -108,6 +108,9 @@ def build_training(config: RunConfig) -> Trainer:
     say = print if ctx.main else lambda *a, **k: None
     torch.set_num_threads(config.train.threads or max(1, len(os.sched_getaffinity(0)) // ctx.local_world))
     torch.manual_seed(config.train.seed)
+    if (config.train.precision == "bf16" or config.target.dtype == "bfloat16") and not native_bf16():
+        say("warning: bf16 is emulated on this CPU (no AVX512-BF16 / AMX), about 100x slower than float32: "
+            "set train.precision=auto target.dtype=auto (or fp32 / float32)")
     tokenizer = load_tokenizer(config.target.path)
     dataset = build_tokenized(config.data, tokenizer, config.target.path, progress=ctx.main)
     train_idx, eval_idx = split_eval(list(dataset.ids), config.data.eval_fraction)
