@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from draftforge.bundle import TRAINABLE, measured_rows
-from draftforge.config import load_config
-from draftforge.pipeline import export, measure_builtin, measure_vllm, repo_root, train
+from draftforge.pipeline import CHAIN, block_chain, measure_builtin, measure_vllm, repo_root, train_export
 
 RECIPE = "smollm2-135m-dflash"
 EAGLE3 = "smollm2-135m"
@@ -33,19 +32,15 @@ RESULTS = Path(__file__).parent / "results" / "dflash_blocks.json"
 
 def block_configs(block: int) -> dict[str, str]:
     """The whole block, and the EAGLE-3 chain's depth (3 drafted tokens) where the block is longer."""
-    whole = {"block": f"1,{block - 1},1,{block}"}
-    return whole if block <= 4 else {**whole, "k3": "1,3,1,4"}
+    whole = {"block": block_chain(block)}
+    return whole if block <= 4 else {**whole, "k3": CHAIN}
 
 
 def measure_block(block: int, layers: int, out: Path, prompts: int, max_new_tokens: int, vllm: bool
                   ) -> dict[str, Any]:  # fmt: skip
     """Train (or resume), export and measure one block size and depth."""
-    data = repo_root() / TRAINABLE[RECIPE]["data"]
-    config = load_config(repo_root() / "recipes" / f"{RECIPE}.yaml",
-                         [f"data.sources=[{data}]", f"train.out_dir={out / 'train'}", f"draft.block_size={block}",
-                          f"draft.num_layers={layers}"])
-    trained = train(config, out)
-    draft = export(trained["run_dir"], out)["vllm"]
+    trained, draft = train_export(repo_root() / "recipes" / f"{RECIPE}.yaml", repo_root() / TRAINABLE[RECIPE]["data"],
+                                  out, [f"draft.block_size={block}", f"draft.num_layers={layers}"])
     final = trained["final"]
     return {
         "block_size": block,

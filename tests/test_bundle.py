@@ -37,14 +37,45 @@ def test_run_refuses_a_target_this_machine_cannot_train(tmp_path):
         bundle.run_row("llama-3.3-70b-instruct", tmp_path, 1, 8, False, [])
 
 
-def _tiny_run(tmp_path, target, conversations, *overrides):
-    return load_config(None, [
-        f"target.path={target}", f"data.sources=[{conversations}]", "target.dtype=float32",
+def test_run_row_trains_exports_and_writes_its_row(tmp_path, monkeypatch):
+    """run_row = pipeline.train_export of the recipe on its data, then the measurements, into bundle/NAME.json."""
+    calls = []
+    trained = {"tokens_trained": 600, "steps": 3, "final": {"tok_per_s": 10.0, "acc_0": 0.5}}
+
+    def train_export(*args):
+        calls.append(args)
+        return trained, "d/draft-dflash"
+
+    monkeypatch.setattr(pipeline, "train_export", train_export)
+    monkeypatch.setattr(pipeline, "measure_builtin", lambda *a: {"chain": {"tau": 1.5, "speedup": 1.0}})
+    monkeypatch.setattr(bundle, "results_dir", lambda: tmp_path / "bundle")
+    row = bundle.run_row("smollm2-135m-dflash", tmp_path / "out", 2, 16, False, ["train.max_steps=3"])
+    data = bundle.TRAINABLE["smollm2-135m-dflash"]["data"]
+    assert calls == [(ROOT / "recipes" / "smollm2-135m-dflash.yaml", ROOT / data, tmp_path / "out",
+                      ["train.max_steps=3"])]
+    assert json.loads((tmp_path / "bundle" / "smollm2-135m-dflash.json").read_text()) == row
+    assert {k: v for k, v in row.items() if k not in ("hardware", "measured_at")} == {
+        "recipe": "recipes/smollm2-135m-dflash.yaml", "data": data, "overrides": ["train.max_steps=3"],
+        "tokens_trained": 600, "steps": 3, "train_minutes": 1.0, "final": trained["final"],
+        "exported": "d/draft-dflash", "builtin": {"chain": {"tau": 1.5, "speedup": 1.0}}, "vllm": None,
+        "eval": {"suite": "mtbench", "prompts": 2, "max_new_tokens": 16},
+        "command": f"draftforge bundle --run smollm2-135m-dflash --out {tmp_path / 'out'} --eval-prompts 2 "
+                   "--max-new-tokens 16 --no-vllm train.max_steps=3",
+    }
+
+
+def _tiny(target, *overrides):
+    return [
+        f"target.path={target}", "target.dtype=float32",
         "data.max_length=128", "data.eval_fraction=0", "draft.draft_vocab_size=4000", "train.precision=fp32",
         "train.ttt_steps=2", "train.tokens_per_batch=1024", "train.max_steps=3", "train.warmup_steps=1",
-        "train.save_every=1000", "train.eval_every=0", "train.threads=1", f"train.out_dir={tmp_path / 'run'}",
-        *overrides,
-    ])
+        "train.save_every=1000", "train.eval_every=0", "train.threads=1", *overrides,
+    ]
+
+
+def _tiny_run(tmp_path, target, conversations, *overrides):
+    return load_config(None, [f"data.sources=[{conversations}]", f"train.out_dir={tmp_path / 'run'}",
+                              *_tiny(target, *overrides)])
 
 
 def test_pipeline_trains_exports_and_measures(tmp_path, tiny_target_dir, small_conversations, isolated_cache):
@@ -65,14 +96,13 @@ def test_pipeline_trains_exports_and_measures(tmp_path, tiny_target_dir, small_c
 
 def test_pipeline_exports_and_measures_a_dflash_draft_by_its_block(tmp_path, tiny_target_dir, small_conversations,
                                                                   isolated_cache):
-    config = _tiny_run(tmp_path, tiny_target_dir, small_conversations, "draft.family=dflash", "draft.block_size=5",
-                       "train.num_anchors=16")
-    trained = pipeline.train(config, tmp_path, progress=False)
-    exported = pipeline.export(trained["run_dir"], tmp_path)
-    assert list(exported) == ["vllm"]  # one layout: vLLM's qwen3_dflash, which SGLang reads too
-    assert pipeline.draft_configs(exported["vllm"]) == {"chain": "1,4,1,5"}  # the whole block: K = 5 - 1
+    trained, draft = pipeline.train_export(None, small_conversations, tmp_path, _tiny(
+        tiny_target_dir, "draft.family=dflash", "draft.block_size=5", "train.num_anchors=16"))
+    assert trained["steps"] == 3 and Path(trained["run_dir"]) == tmp_path / "train"
+    assert pipeline.export(trained["run_dir"], tmp_path) == {"vllm": draft}  # one layout: vLLM's qwen3_dflash
+    assert pipeline.draft_configs(draft) == {"chain": "1,4,1,5"} == {"chain": pipeline.block_chain(5)}  # K = 5 - 1
 
-    measured = pipeline.measure_builtin(exported["vllm"], str(tiny_target_dir), tmp_path, 1, 8)
+    measured = pipeline.measure_builtin(draft, str(tiny_target_dir), tmp_path, 1, 8)
     assert set(measured) == {"chain"} and measured["chain"]["tau"] >= 1.0 and measured["chain"]["ngram_tau"] >= 1.0
     report = json.loads((tmp_path / "eval.json").read_text())["results"]["mtbench"]
     assert list(report) == ["1,4,1,5"]

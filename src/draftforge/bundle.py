@@ -108,16 +108,12 @@ def write_readme(readme: Path) -> bool:
 def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: bool,
             overrides: list[str]) -> dict[str, Any]:  # fmt: skip
     """Train NAME's recipe here, export, measure with the built-in decoder and vLLM; write bundle/NAME.json."""
-    from draftforge.config import load_config
-    from draftforge.pipeline import export, measure_builtin, measure_vllm, train
+    from draftforge.pipeline import measure_builtin, measure_vllm, train_export
 
     if name not in TRAINABLE:
         raise SystemExit(f"bundle --run: {name} cannot be trained on this machine (trainable: {sorted(TRAINABLE)})")
     model, data = TRAINABLE[name]["model"], TRAINABLE[name]["data"]
-    config = load_config(repo_root() / "recipes" / f"{name}.yaml",
-                         [f"data.sources=[{repo_root() / data}]", f"train.out_dir={out / 'train'}", *overrides])
-    trained = train(config, out)
-    exported = next(iter(export(trained["run_dir"], out).values()))  # the layout vLLM serves
+    trained, exported = train_export(repo_root() / "recipes" / f"{name}.yaml", repo_root() / data, out, overrides)
     row = {
         "recipe": f"recipes/{name}.yaml",
         "data": data,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +22,17 @@ def repo_root() -> Path:
         if (root / "recipes").is_dir():
             return root
     raise FileNotFoundError("recipes/ not found: run from the draftforge checkout")
+
+
+def train_export(recipe: str | Path | None, data: str | Path, out: Path, overrides: Sequence[str] = ()
+                 ) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """Train a recipe on `data` into out/train (`train`, resuming) with dotted `overrides`, and export it
+    (`export`): the training record and the exported directory vLLM serves (the family's first layout)."""
+    from draftforge.config import load_config
+
+    config = load_config(recipe, [f"data.sources=[{data}]", f"train.out_dir={out / 'train'}", *overrides])
+    trained = train(config, out)
+    return trained, next(iter(export(trained["run_dir"], out).values()))
 
 
 def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -81,9 +93,13 @@ def draft_configs(draft_dir: str | Path) -> dict[str, str]:
 
     config = json.loads(Path(draft_dir, "config.json").read_text())
     if is_dflash(config):
-        k = int(config["block_size"]) - 1
-        return {"chain": f"1,{k},1,{k + 1}"}
+        return {"chain": block_chain(int(config["block_size"]))}
     return {"chain": CHAIN, "tree": TREE}
+
+
+def block_chain(block_size: int) -> str:
+    """A DFlash block of `block_size` decoded whole: one chain of K = block_size - 1 drafted tokens."""
+    return f"1,{block_size - 1},1,{block_size}"
 
 
 def measure_builtin(draft_dir: str, target: str, out: Path, prompts: int, max_new_tokens: int,
