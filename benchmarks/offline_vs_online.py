@@ -130,7 +130,8 @@ def main() -> None:
         for dtype in ("bf16", "int8"):
             runs[dtype] = str(args.work / f"tau-{args.rows}-{args.tau_steps}-{dtype}")
             over = recipe_overrides(args, Path(runs[dtype]), f"train.max_steps={args.tau_steps}",
-                                    f"train.save_every={args.tau_steps}", f"features.store={stores[dtype]['store']}")
+                                    "train.budget_minutes=null", f"train.save_every={args.tau_steps}",
+                                    f"features.store={stores[dtype]['store']}")
             tau[f"final_{dtype}"] = run_child({"overrides": over, "fit": True})
         judge = recipe_overrides(args, args.work / "unused", f"features.store={stores['bf16']['store']}")
         tau["scored_on_bf16_features"] = run_child({"overrides": judge, "checkpoints": runs})

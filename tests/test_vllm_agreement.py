@@ -64,6 +64,7 @@ TRAIN_OVERRIDES = [
     "train.precision=auto",  # bf16 where native, fp32 on an AVX2 CPU (bf16 emulated ~100x slower)
     "train.tokens_per_batch=2048",
     "train.max_steps=200",
+    "train.budget_minutes=null",  # exactly 200 steps, not the demo recipe's time budget
     "train.warmup_steps=10",
     "train.lr=3e-3",
     "train.eval_every=0",

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=["regenerated", "original"], default="regenerated",
                         help="regenerated: the target's own answers (default, what a draft should learn); "
                              "original: the same conversations with ShareGPT's answers")
-    parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="train exactly this many steps (default: the recipe's 16-minute budget, at most 300)")
     parser.add_argument("--eval-prompts", type=int, default=10, help="MT-bench questions to measure τ on")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=5e-4")
@@ -78,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     _banner(3, total, "train: EAGLE-3 draft, online target features, training-time test")
     overrides = [f"data.sources=[{conversations}]", f"train.out_dir={out / 'train'}", *args.overrides]
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.max_steps is not None:  # exactly this many steps, not the recipe's time budget
+        overrides += [f"train.max_steps={args.max_steps}", "train.budget_minutes=null"]
     config = load_config(repo_root() / "recipes" / RECIPE, overrides)
     trained = train(config, out)
 
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n=== draftforge demo: done ===")
     print(f"checkpoint     {summary['checkpoint']}")
-    print(f"tokens trained {trained['tokens_trained']:,} in {trained['steps']} steps ({args.data} data)")
+    print(f"tokens trained {trained['tokens_trained']:,} in {trained['steps']} steps ({args.data} data, "
+          f"{config.train.precision})")
     pick = lambda key: final.get(f"eval_{key}", final.get(key, 0.0))
     accs = "  ".join(f"{pick(f'acc_{k}'):.2f}" for k in range(config.train.ttt_steps))
     print(f"acc_k (eval)   {accs}")
