@@ -346,7 +346,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
     ap.add_argument("--paths", nargs="+", default=["reference", "efficient"],
                     choices=["reference", "efficient", "blockwise"])
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["bf16", "fp32"],
+                    help="default: bf16 and fp32 where bf16 runs natively, else fp32 (emulated bf16 is ~100x slower)")
     ap.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up (best is reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=7, help="TTT steps")
@@ -359,6 +360,12 @@ def main() -> None:
     args = ap.parse_args()
     if ran_as_child(args, run_child):
         return
+    if args.dtypes is None:
+        from draftforge.config import native_bf16
+
+        args.dtypes = ["bf16", "fp32"] if native_bf16() else ["fp32"]
+        if not native_bf16():
+            print("bf16 is emulated on this CPU (no AVX512-BF16 / AMX): timing fp32 only (--dtypes bf16 forces it)")
 
     results = []
     for dtype in args.dtypes:
