@@ -363,8 +363,9 @@ def main() -> None:
     if args.dtypes is None:
         from draftforge.config import native_bf16
 
-        args.dtypes = ["bf16", "fp32"] if native_bf16() else ["fp32"]
-        if not native_bf16():
+        native = native_bf16()
+        args.dtypes = ["bf16", "fp32"] if native else ["fp32"]
+        if not native:
             print("bf16 is emulated on this CPU (no AVX512-BF16 / AMX): timing fp32 only (--dtypes bf16 forces it)")
 
     results = []
