@@ -197,6 +197,8 @@ def resolve_auto(config: RunConfig) -> RunConfig:
     train, target = config.train, config.target
     if train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {train.precision!r}")
+    if target.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ConfigError(f"target.dtype must be auto, bfloat16, float16 or float32, got {target.dtype!r}")
     if "auto" in (train.precision, target.dtype):
         native = native_bf16()
         if train.precision == "auto":
