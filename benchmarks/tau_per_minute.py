@@ -1,13 +1,24 @@
-"""Held-out acceptance against minutes of training, read from runs' metrics.jsonl: what an hour buys.
+"""Held-out acceptance against minutes of training: what an hour buys.
+
+Read from runs that exist (each held-out evaluation of a run is a point):
 
     python benchmarks/tau_per_minute.py --run "60-min recipe=runs/bundle/smollm2-135m-hour/train" \\
         --run "demo recipe=runs/demo/train"
 
-Every held-out evaluation of a run is a point: its cond τ (1 + Σ_k Π_{j≤k} cacc_j, what a chain draft's
-acceptance is made of) at minutes = tokens / the run's wall-clock tok/s at that step, so capture (the
-target runs online) and the evaluations themselves count as training time. A point in the middle of a
-run sits below what a run sized to that budget would reach: its learning rate has not decayed yet.
-Compare runs only on the same held-out split (same data, data.eval_fraction and seed).
+or trained here, one run per budget (`--budgets`), the honest curve: a point in the middle of a run sits
+below what a run sized to that budget reaches, since its learning rate has not decayed yet.
+
+    python benchmarks/tau_per_minute.py --budgets 5,10,20,40,60 --label "hour recipe" \\
+        --config recipes/smollm2-135m-hour.yaml --work runs/tau_budgets [overrides ...]
+
+The budget runs share their start: the longest trains with warmup-stable-decay (`train.schedule=wsd`)
+for its time budget, keeping a checkpoint every `--save-every` steps; each shorter budget gets the same
+step time's worth of steps and branches from the longest run's last checkpoint before its own decay
+(`draftforge train --branch-from`), which is exactly the run of its length. Five budgets up to an hour
+cost about 60 + 0.2 x 75 minutes instead of 135.
+
+Minutes are tokens / the run's wall-clock tok/s, so capture (the target runs online) and evaluations count
+as training time. Compare runs only on the same held-out split (same data, data.eval_fraction and seed).
 Writes benchmarks/results/tau_per_minute.json and .png.
 """
 
@@ -15,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
+from draftforge.config import load_config
+from draftforge.train.checkpoint import list_checkpoints, load_checkpoint
 from draftforge.train.tracking import read_metrics
 
 RESULTS = Path(__file__).parent / "results" / "tau_per_minute.json"
@@ -46,6 +60,43 @@ def curve(run_dir: Path) -> list[dict[str, float]]:
     return points
 
 
+def wsd_decay_start(total: int, warmup: int, decay_fraction: float) -> int:
+    """The first step whose learning rate decays in a WSD run of `total` steps (train/optim.py)."""
+    return max(warmup, total - math.ceil(decay_fraction * total))
+
+
+def budget_curve(config: str | None, overrides: list[str], budgets: list[float], work: Path,
+                 save_every: int) -> list[dict[str, float]]:
+    """One WSD run for the longest budget, the shorter ones branched from its checkpoints; a point per
+    budget at the end of its own decay (its final held-out evaluation)."""
+    from draftforge.train.command import train
+
+    def run(name: str, extra: list[str], branch_from: Path | None = None) -> Path:
+        cfg = load_config(config, [*overrides, "train.schedule=wsd", "train.eval_every=1000000000",
+                                   f"train.out_dir={work / name}", *extra])
+        train(cfg, branch_from=str(branch_from) if branch_from else None)
+        return work / name
+
+    longest, *shorter = sorted(budgets, reverse=True)
+    long = run(f"{longest:g}min", ["train.max_steps=100000000", f"train.budget_minutes={longest:g}",
+                                   f"train.save_every={save_every}", "train.keep_last=0"])
+    checkpoints = list_checkpoints(long)
+    _, _, state = load_checkpoint(checkpoints[-1])
+    total, cfg = state["total_steps"], load_config(config, [*overrides, "train.schedule=wsd"]).train
+    dirs = {longest: long}
+    for minutes in shorter:
+        steps = max(1, round(total * minutes / longest))
+        start = wsd_decay_start(steps, cfg.warmup_steps, cfg.decay_fraction)
+        before = [c for c in checkpoints if int(c.name.removeprefix("step_")) < start]
+        dirs[minutes] = run(f"{minutes:g}min", [f"train.max_steps={steps}", "train.budget_minutes=null"],
+                            before[-1] if before else None)
+    points = []
+    for minutes in sorted(dirs):
+        final = curve(dirs[minutes])[-1]
+        points.append({"budget_minutes": minutes, **final})
+    return points
+
+
 def plot(series: dict[str, list[dict[str, float]]], png: Path) -> None:
     import matplotlib
 
@@ -65,16 +116,28 @@ def plot(series: dict[str, list[dict[str, float]]], png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=DIR",
                         help="a run's label and its train.out_dir (repeat for several runs)")
+    parser.add_argument("--budgets", type=lambda v: [float(x) for x in v.split(",")], metavar="M,M,...",
+                        help="train one run per time budget (minutes) from --config, branched from the longest")
+    parser.add_argument("--label", default="budget runs", help="with --budgets: the curve's label")
+    parser.add_argument("--config", help="with --budgets: the recipe")
+    parser.add_argument("--work", type=Path, default=Path("runs/tau_budgets"), help="with --budgets: run dirs")
+    parser.add_argument("--save-every", type=int, default=20,
+                        help="with --budgets: the longest run's checkpoint spacing (a branch recomputes up to this)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON path; the PNG goes beside it")
+    parser.add_argument("overrides", nargs="*", help="with --budgets: dotted config overrides")
     args = parser.parse_args()
+    if not args.run and not args.budgets:
+        parser.error("give --run LABEL=DIR (read runs) or --budgets M,M,... (train them)")
     series: dict[str, list[dict[str, float]]] = {}
     for item in args.run:
         label, sep, run_dir = item.partition("=")
         if not sep:
             raise SystemExit(f"--run {item!r}: expected LABEL=DIR")
         series[label] = curve(Path(run_dir))
+    if args.budgets:
+        series[args.label] = budget_curve(args.config, args.overrides, args.budgets, args.work, args.save_every)
     report: dict[str, Any] = {"hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores", "series": series}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

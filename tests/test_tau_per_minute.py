@@ -33,3 +33,20 @@ def test_a_run_without_evaluations_is_refused_by_name(tmp_path):
     run = _write(tmp_path / "run", [{"step": 10, "tokens": 6000, "tok_per_s": 100.0, "loss": 1.0}])
     with pytest.raises(SystemExit, match="no held-out evaluations"):
         _module().curve(run)
+
+
+def test_budget_runs_branch_from_the_longest_and_each_ends_on_its_own_evaluation(
+        tmp_path, tiny_target_dir, small_conversations, isolated_cache):
+    overrides = [f"target.path={tiny_target_dir}", f"data.sources=[{small_conversations}]", "target.dtype=float32",
+                 "data.max_length=128", "data.eval_fraction=0.2", "draft.draft_vocab_size=2000",
+                 "train.precision=fp32", "train.ttt_steps=2", "train.tokens_per_batch=512", "train.warmup_steps=2",
+                 "train.log_every=1", "train.threads=1"]
+    points = _module().budget_curve(None, overrides, [0.04, 0.08], tmp_path / "work", save_every=2)
+    assert [p["budget_minutes"] for p in points] == [0.04, 0.08]
+    longest = json.loads(sorted((tmp_path / "work" / "0.08min" / "checkpoints").iterdir())[-1]
+                         .joinpath("trainer_state.json").read_text())["total_steps"]
+    short = [json.loads(line) for line in (tmp_path / "work" / "0.04min" / "metrics.jsonl").read_text().splitlines()]
+    assert points[0]["step"] == short[-1]["step"] == max(1, round(longest / 2)) < points[1]["step"] == longest
+    start = _module().wsd_decay_start(points[0]["step"], warmup=2, decay_fraction=0.2)
+    branched_at = (start - 1) // 2 * 2  # the longest run's last checkpoint (every 2 steps) before the decay
+    assert branched_at >= 2 and short[0]["step"] == branched_at + 1  # the short run trained only from there

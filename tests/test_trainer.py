@@ -71,6 +71,27 @@ def test_resume_refuses_changed_config(tmp_path, tiny_target_dir, small_conversa
     assert "resuming anyway" in forced.stderr
 
 
+def test_a_wsd_run_branches_into_exactly_the_shorter_run(tmp_path, tiny_target_dir, small_conversations, env):
+    """Before its decay a WSD run has used the rates of any run that long or longer, so its checkpoint
+    continued as a 10-step run is the 10-step run, to the bit; past the 10-step run's decay start, refused."""
+    wsd = ("train.schedule=wsd", "train.decay_fraction=0.2", "train.keep_last=0")  # 10 steps: decay from step 8
+    straight, long, branch = (tmp_path / name for name in ("straight", "long", "branch"))
+    for out, steps in ((straight, 10), (long, 12)):
+        subprocess.run(train_args(tiny_target_dir, small_conversations, out, *wsd, f"train.max_steps={steps}"),
+                       env=env, check=True, capture_output=True)
+    args = train_args(tiny_target_dir, small_conversations, branch, *wsd, "train.max_steps=10")
+    late = subprocess.run([*args, "--branch-from", str(long / "checkpoints" / "step_00000009")], env=env,
+                          capture_output=True, text=True)
+    assert late.returncode != 0 and "train.max_steps: 12 -> 10" in late.stderr
+    done = subprocess.run([*args, "--branch-from", str(long / "checkpoints" / "step_00000006")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 6 of a 12-step run; it goes on as a 10-step run" in done.stdout + done.stderr
+    expected = losses(straight)
+    assert losses(branch) == {step: expected[step] for step in range(7, 11)}
+    assert losses(long)[9] == expected[9] and losses(long)[10] != expected[10]  # step 9 is the last rate they share
+
+
 def test_a_retired_key_neither_blocks_a_resume_nor_an_old_config(tmp_path, tiny_target_dir, small_conversations, env):
     """`train.wandb` (read by nothing) is gone: a run that recorded it resumes, a file that sets it loads."""
     out = tmp_path / "run"

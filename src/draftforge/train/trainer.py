@@ -18,7 +18,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,7 +36,7 @@ from draftforge.train.batching import token_budget_batches
 from draftforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from draftforge.train.distributed import Dist, full_params, full_state, grad_sync, load_full_state, local, parallelize
 from draftforge.train.loss import step_weights
-from draftforge.train.optim import build_optimizer, build_scheduler
+from draftforge.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_objective
 
 # Settings that may change between a run and its resume without changing what is computed.
@@ -43,6 +44,8 @@ RESUMABLE_CHANGES = {
     "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.fsdp", "train.target_tp", "data.num_workers",
 }
+# may change where the learning rates so far are the same (Trainer.same_rates_so_far)
+LENGTH_KEYS = ("train.max_steps", "train.epochs", "train.budget_minutes")
 
 
 FeatureFn = Callable[[Batch], TargetFeatures]
@@ -52,15 +55,15 @@ def flat_config(config: RunConfig) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in config.to_dict().items() for k, v in sec.items()}
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between a run's recorded flat config and this one, beyond RESUMABLE_CHANGES; keys
-    retired since the run (RETIRED_KEYS) are not differences, and a key added since is read as its
-    default there (a new setting's default keeps what older runs computed)."""
+def config_changes(old: dict[str, Any], new: dict[str, Any], allowed: Collection[str] = ()) -> list[str]:
+    """What differs between a run's recorded flat config and this one, beyond RESUMABLE_CHANGES and
+    `allowed`; keys retired since the run (RETIRED_KEYS) are not differences, and a key added since is
+    read as its default there (a new setting's default keeps what older runs computed)."""
     old = {**flat_config(RunConfig()), **old}
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS
+        if k not in RESUMABLE_CHANGES and k not in RETIRED_KEYS and k not in allowed
         and json.dumps(_comparable(k, old.get(k))) != json.dumps(_comparable(k, new.get(k)))
     ]
 
@@ -275,14 +278,29 @@ class Trainer:
         """Rank 0's latest checkpoint, on every rank (only rank 0 has the checkpoints directory for sure)."""
         return self.dist.from_main(latest_checkpoint(self.out) if self.dist.main else None)
 
-    def resume(self, force: bool = False) -> bool:
-        """Load the latest checkpoint of out_dir if there is one. Refuses a changed config, data or
+    def same_rates_so_far(self, state: dict[str, Any]) -> bool:
+        """Whether a run of this length uses the recorded run's learning rates up to its step, so going
+        on with this length is exactly that run: a WSD run before its decay, or a constant schedule, may
+        branch into a shorter or longer one (`train --branch-from`). The recorded run may have had a time
+        budget (its length is the one it fixed); this one needs a step count."""
+        if self.cfg.budget_minutes is not None:
+            return False
+        cfg = self.cfg
+        rate = partial(lr_multiplier, warmup=cfg.warmup_steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
+                       decay_fraction=cfg.decay_fraction)
+        recorded = state.get("total_steps", state["config"].get("train.max_steps"))
+        return all(rate(t, total=recorded) == rate(t, total=self.total_steps) for t in range(state["step"] + 1))
+
+    def resume(self, force: bool = False, branch_from: str | Path | None = None) -> bool:
+        """Load the latest checkpoint of out_dir, or where it has none, `branch_from` (another run's
+        checkpoint, whose length may differ where same_rates_so_far). Refuses a changed config, data or
         world size unless forced; every rank loads it."""
-        path = self.latest()
+        path = self.latest() or (Path(branch_from) if branch_from else None)
         if path is None:
             return False
         weights, extra, state = load_checkpoint(path)
-        problems = config_changes(state["config"], flat_config(self.config))
+        length = LENGTH_KEYS if self.same_rates_so_far(state) else ()
+        problems = config_changes(state["config"], flat_config(self.config), allowed=length)
         if state.get("identity") != self.identity:
             problems.append(f"data/target identity: {state.get('identity')} -> {self.identity}")
         world = state.get("world_size", 1)
@@ -311,6 +329,9 @@ class Trainer:
             self.total_steps, self.budget_set = state["total_steps"], True
         if hasattr(self.draft, "set_tap_scales"):  # the scales this run started with, not re-measured ones
             self.draft.set_tap_scales(state["draft_config"].get("tap_scales"))
+        if length and state.get("total_steps") != self.total_steps:
+            self.say(f"{path} is step {self.step} of a {state.get('total_steps')}-step run; it goes on as a "
+                     f"{self.total_steps}-step run (the learning rates so far are the same)")
         self.say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
         return True
 
