@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from draftforge.config import load_config
 from draftforge.train.checkpoint import list_checkpoints, load_checkpoint
+from draftforge.train.optim import wsd_decay_start
 from draftforge.train.tracking import read_metrics
 
 RESULTS = Path(__file__).parent / "results" / "tau_per_minute.json"
@@ -58,11 +58,6 @@ def curve(run_dir: Path) -> list[dict[str, float]]:
     if not points:
         raise SystemExit(f"{path}: no held-out evaluations logged (train.eval_every was 0?)")
     return points
-
-
-def wsd_decay_start(total: int, warmup: int, decay_fraction: float) -> int:
-    """The first step whose learning rate decays in a WSD run of `total` steps (train/optim.py)."""
-    return max(warmup, total - math.ceil(decay_fraction * total))
 
 
 def budget_curve(config: str | None, overrides: list[str], budgets: list[float], work: Path,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from draftforge.train.optim import wsd_decay_start
 from tests.conftest import load_script
 
 
@@ -47,6 +48,6 @@ def test_budget_runs_branch_from_the_longest_and_each_ends_on_its_own_evaluation
                          .joinpath("trainer_state.json").read_text())["total_steps"]
     short = [json.loads(line) for line in (tmp_path / "work" / "0.04min" / "metrics.jsonl").read_text().splitlines()]
     assert points[0]["step"] == short[-1]["step"] == max(1, round(longest / 2)) < points[1]["step"] == longest
-    start = _module().wsd_decay_start(points[0]["step"], warmup=2, decay_fraction=0.2)
+    start = wsd_decay_start(points[0]["step"], warmup=2, decay_fraction=0.2)
     branched_at = (start - 1) // 2 * 2  # the longest run's last checkpoint (every 2 steps) before the decay
     assert branched_at >= 2 and short[0]["step"] == branched_at + 1  # the short run trained only from there

@@ -32,6 +32,11 @@ def build_optimizer(draft: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, foreach=True)
 
 
+def wsd_decay_start(total: int, warmup: int, decay_fraction: float) -> int:
+    """The first step whose learning rate decays in a warmup-stable-decay run of `total` steps."""
+    return max(warmup, total - math.ceil(decay_fraction * total))
+
+
 def lr_multiplier(step: int, warmup: int, total: int, schedule: str = "cosine", min_ratio: float = 0.1,
                   decay_fraction: float = 0.2) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based) of `total`: linear warmup, then
@@ -44,7 +49,7 @@ def lr_multiplier(step: int, warmup: int, total: int, schedule: str = "cosine", 
     if schedule == "constant":
         return 1.0
     if schedule == "wsd":
-        start = max(warmup, total - math.ceil(decay_fraction * total))
+        start = wsd_decay_start(total, warmup, decay_fraction)
         progress = min(1.0, max(0, step + 1 - start) / max(1, total - start))
         return 1 - (1 - min_ratio) * progress
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
