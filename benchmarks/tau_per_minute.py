@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from draftforge.config import load_config
-from draftforge.train.checkpoint import list_checkpoints, load_checkpoint
+from draftforge.train.checkpoint import list_checkpoints, trainer_state
 from draftforge.train.optim import wsd_decay_start
 from draftforge.train.tracking import read_metrics
 
@@ -76,12 +76,12 @@ def budget_curve(config: str | None, overrides: list[str], budgets: list[float],
     long = run(f"{longest:g}min", ["train.max_steps=100000000", f"train.budget_minutes={longest:g}",
                                    f"train.save_every={save_every}", "train.keep_last=0"])
     checkpoints = list_checkpoints(long)
-    _, _, state = load_checkpoint(checkpoints[-1])
-    total, cfg = state["total_steps"], load_config(config, [*overrides, "train.schedule=wsd"]).train
+    state = trainer_state(checkpoints[-1])  # the length the budget fixed, and the settings it ran with
+    total, recorded = state["total_steps"], state["config"]
     dirs = {longest: long}
     for minutes in shorter:
         steps = max(1, round(total * minutes / longest))
-        start = wsd_decay_start(steps, cfg.warmup_steps, cfg.decay_fraction)
+        start = wsd_decay_start(steps, recorded["train.warmup_steps"], recorded["train.decay_fraction"])
         before = [c for c in checkpoints if int(c.name.removeprefix("step_")) < start]
         dirs[minutes] = run(f"{minutes:g}min", [f"train.max_steps={steps}", "train.budget_minutes=null"],
                             before[-1] if before else None)

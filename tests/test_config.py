@@ -25,7 +25,6 @@ def test_unknown_precision_is_refused():
         load_config(None, ["train.precision=fp16"])
 
 
-
 def test_unknown_target_dtype_is_refused():
     with pytest.raises(ConfigError, match="target.dtype must be auto, bfloat16, float16 or float32"):
         load_config(None, ["target.dtype=bf16"])  # the precision's spelling, not a torch dtype

@@ -91,10 +91,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of one checkpoint directory (step, total_steps, config, ...), without its tensors."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(model state, {"optimizer", "rng"}, trainer state) of one checkpoint directory."""
     path = Path(path)
     model_state = load_file(path / "model.safetensors")
     extra = torch.load(path / "optimizer.pt", weights_only=True)
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    return model_state, extra, trainer_state
+    return model_state, extra, trainer_state(path)
