@@ -17,9 +17,13 @@ step time's worth of steps and branches from the longest run's last checkpoint b
 (`draftforge train --branch-from`), which is exactly the run of its length. Five budgets up to an hour
 cost about 60 + 0.2 x 75 minutes instead of 135.
 
-Minutes are tokens / the run's wall-clock tok/s, so capture (the target runs online) and evaluations count
+A recipe that trains offline (`features.store=DIR`) is captured first (`draftforge capture`, skipped where
+the store is complete) and its points add the store's recorded capture time: an offline hour is capture
+plus training, like an online one.
+
+Minutes are tokens / the run's wall-clock tok/s, so the target (online or in capture) and evaluations count
 as training time. Compare runs only on the same held-out split (same data, data.eval_fraction and seed).
-Writes benchmarks/results/tau_per_minute.json and .png.
+Writes benchmarks/results/tau_per_minute.json and .png, keeping the series of other labels already there.
 """
 
 from __future__ import annotations
@@ -39,11 +43,26 @@ from draftforge.train.tracking import read_metrics
 RESULTS = Path(__file__).parent / "results" / "tau_per_minute.json"
 
 
+def capture_minutes(run_dir: Path) -> float:
+    """What the run's feature store cost to capture (0 for a run with the target online)."""
+    checkpoints = list_checkpoints(run_dir)
+    store = trainer_state(checkpoints[-1])["config"].get("features.store") if checkpoints else None
+    if not store:
+        return 0.0
+    manifest = json.loads((Path(store) / "manifest.json").read_text())
+    if manifest.get("capture_seconds") is None:
+        raise SystemExit(f"{store}: the store does not record its capture time (captured before it was "
+                         "recorded); capture it again into a new directory")
+    return manifest["capture_seconds"] / 60
+
+
 def curve(run_dir: Path) -> list[dict[str, float]]:
-    """(minutes, held-out cond τ, acc_0) at each evaluation logged in run_dir/metrics.jsonl."""
+    """(minutes, held-out cond τ, acc_0) at each evaluation logged in run_dir/metrics.jsonl; minutes
+    include the capture of the run's feature store."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: no such file (pass a run's train.out_dir)")
+    offset = capture_minutes(run_dir)
     rows = read_metrics(path)
     rate = {row["step"]: row["tok_per_s"] for row in rows if "tok_per_s" in row}
     points = []
@@ -52,7 +71,8 @@ def curve(run_dir: Path) -> list[dict[str, float]]:
             continue
         if row["step"] not in rate:
             raise SystemExit(f"{path}: the evaluation at step {row['step']} has no training row beside it")
-        points.append({"step": row["step"], "minutes": round(row["tokens"] / rate[row["step"]] / 60, 2),
+        minutes = offset + row["tokens"] / rate[row["step"]] / 60
+        points.append({"step": row["step"], "minutes": round(minutes, 2), "capture_minutes": round(offset, 2),
                        "tokens": row["tokens"], "cond_tau": round(row["eval_cond_tau"], 4),
                        "acc_0": round(row["eval_acc_0"], 4)})
     if not points:
@@ -64,7 +84,12 @@ def budget_curve(config: str | None, overrides: list[str], budgets: list[float],
                  save_every: int) -> list[dict[str, float]]:
     """One WSD run for the longest budget, the shorter ones branched from its checkpoints; a point per
     budget at the end of its own decay (its final held-out evaluation)."""
+    from draftforge.features import capture
     from draftforge.train.command import train
+
+    if load_config(config, overrides).features.store:
+        capture.run(argparse.Namespace(config=config, overrides=overrides, verify=False, repair=False,
+                                       no_progress=False))
 
     def run(name: str, extra: list[str], branch_from: Path | None = None) -> Path:
         cfg = load_config(config, [*overrides, "train.schedule=wsd", "train.eval_every=1000000000",
@@ -101,7 +126,7 @@ def plot(series: dict[str, list[dict[str, float]]], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, points in series.items():
         ax.plot([p["minutes"] for p in points], [p["cond_tau"] for p in points], marker="o", label=label)
-    ax.set_xlabel("minutes of training on this 2-core CPU (target online, evaluations included)")
+    ax.set_xlabel("minutes on this 2-core CPU (target, capture and evaluations included)")
     ax.set_ylabel("held-out cond τ (3-step chain)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -125,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.run and not args.budgets:
         parser.error("give --run LABEL=DIR (read runs) or --budgets M,M,... (train them)")
-    series: dict[str, list[dict[str, float]]] = {}
+    series: dict[str, list[dict[str, float]]] = json.loads(args.out.read_text())["series"] if args.out.exists() else {}
     for item in args.run:
         label, sep, run_dir = item.partition("=")
         if not sep:

@@ -169,6 +169,9 @@ def test_capture_resumes_after_sigkill(tmp_path, tiny_target_dir, small_conversa
     assert f"{shards - done} shards written, {done} already finished" in resumed.stdout
     assert checksums(killed) == checksums(straight)
     assert not list((killed / "shards").glob(".*"))
+    manifest = json.loads((killed / "manifest.json").read_text())
+    seconds = [s["seconds"] for s in manifest["shards"]]  # the killed run's shards keep what they cost
+    assert all(s > 0 for s in seconds) and manifest["capture_seconds"] == pytest.approx(sum(seconds), abs=0.01)
 
 
 def test_two_ranks_share_the_work(tmp_path, tiny_target_dir, small_conversations, isolated_cache):

@@ -19,6 +19,14 @@ def _write(run: Path, rows: list[dict]) -> Path:
     return run
 
 
+def _tiny(target_dir: Path, conversations: Path) -> list[str]:
+    """Overrides that train the tiny target's draft for a few seconds a budget."""
+    return [f"target.path={target_dir}", f"data.sources=[{conversations}]", "target.dtype=float32",
+            "data.max_length=128", "data.eval_fraction=0.2", "draft.draft_vocab_size=2000", "train.precision=fp32",
+            "train.ttt_steps=2", "train.tokens_per_batch=512", "train.warmup_steps=2", "train.log_every=1",
+            "train.threads=1"]
+
+
 def test_each_evaluation_is_a_point_at_the_runs_wall_clock_minutes(tmp_path):
     run = _write(tmp_path / "run", [
         {"step": 10, "tokens": 6000, "tok_per_s": 100.0, "loss": 1.0},
@@ -38,10 +46,7 @@ def test_a_run_without_evaluations_is_refused_by_name(tmp_path):
 
 def test_budget_runs_branch_from_the_longest_and_each_ends_on_its_own_evaluation(
         tmp_path, tiny_target_dir, small_conversations, isolated_cache):
-    overrides = [f"target.path={tiny_target_dir}", f"data.sources=[{small_conversations}]", "target.dtype=float32",
-                 "data.max_length=128", "data.eval_fraction=0.2", "draft.draft_vocab_size=2000",
-                 "train.precision=fp32", "train.ttt_steps=2", "train.tokens_per_batch=512", "train.warmup_steps=2",
-                 "train.log_every=1", "train.threads=1"]
+    overrides = _tiny(tiny_target_dir, small_conversations)
     points = _module().budget_curve(None, overrides, [0.04, 0.08], tmp_path / "work", save_every=2)
     assert [p["budget_minutes"] for p in points] == [0.04, 0.08]
     longest = json.loads(sorted((tmp_path / "work" / "0.08min" / "checkpoints").iterdir())[-1]
@@ -51,3 +56,13 @@ def test_budget_runs_branch_from_the_longest_and_each_ends_on_its_own_evaluation
     start = wsd_decay_start(points[0]["step"], warmup=2, decay_fraction=0.2)
     branched_at = (start - 1) // 2 * 2  # the longest run's last checkpoint (every 2 steps) before the decay
     assert branched_at >= 2 and short[0]["step"] == branched_at + 1  # the short run trained only from there
+
+
+def test_an_offline_recipe_is_captured_first_and_its_points_count_the_capture(
+        tmp_path, tiny_target_dir, small_conversations, isolated_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the store's path is relative, as in a recipe
+    overrides = [*_tiny(tiny_target_dir, small_conversations), "features.store=store", "features.store_dtype=int8"]
+    [point] = _module().budget_curve(None, overrides, [0.04], Path("work"), save_every=2)
+    captured = json.loads(Path("store/manifest.json").read_text())["capture_seconds"] / 60
+    assert captured > 0 and point["capture_minutes"] == round(captured, 2)
+    assert point["minutes"] > captured  # training time on top of the capture

@@ -120,13 +120,16 @@ def calibrate(target, dataset, store_dtype: str, tokens: int, device: torch.devi
 
 
 def finalize(root: Path, manifest: dict[str, Any]) -> bool:
-    """Fold every shard's record into the manifest once all exist; False while some are missing."""
+    """Fold every shard's record into the manifest once all exist; False while some are missing.
+    `capture_seconds` sums the shards' seconds: the store's cost, which a budget that counts capture adds."""
     records = [shard_record(root, i) for i in range(len(manifest["shards"]))]
     if any(r is None for r in records):
         return False
-    shards = [{**entry, "bytes": r["bytes"], "sha256": r["sha256"]}
+    shards = [{**entry, "bytes": r["bytes"], "sha256": r["sha256"], "seconds": r.get("seconds")}
               for entry, r in zip(manifest["shards"], records, strict=True)]
-    write_json(root / "manifest.json", {**manifest, "shards": shards, "complete": True})
+    seconds = [s["seconds"] for s in shards]
+    total = round(sum(seconds), 3) if None not in seconds else None  # None: a shard from before records had it
+    write_json(root / "manifest.json", {**manifest, "shards": shards, "capture_seconds": total, "complete": True})
     return True
 
 
@@ -253,8 +256,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for i in todo:
         a, b = manifest["shards"][i]["samples"]
+        started = time.perf_counter()
         tensors = capture_shard(target, dataset, a, b, manifest, config.features.capture_tokens, device, bar)
-        write_shard(root, i, tensors)
+        write_shard(root, i, tensors, time.perf_counter() - started)
     bar.close()
     finalize(root, manifest)
     print(_summary(root, manifest, len(todo), len(mine) - len(todo), tokens, time.perf_counter() - t0, rank, world))

@@ -4,7 +4,8 @@ dataset, written once by `capture` and read by training in place of a live targe
 A store directory holds:
   manifest.json              identity (target fingerprint, tokenizer, tokenised-data key, taps), layout
                              (dtypes, widths), samples (ids, lengths), the shard plan; once every shard is
-                             written, each shard's size and sha256 and `"complete": true`
+                             written, each shard's size, sha256 and seconds, their sum
+                             `capture_seconds` and `"complete": true`
   shards/NNNNN.safetensors   dataset samples [start, end) concatenated in order, T tokens:
       aux          [T, 3*H]  bf16 | f32 | int8 | f8_e4m3
       aux_scale    [T, 3]    f32, 8-bit only: one scale per row and tap (x ~ q * scale)
@@ -12,7 +13,8 @@ A store directory holds:
       final_scale  [F, 1]    f32, 8-bit only
       teacher      [T]       u8: 1 where `final` holds the row
   int8 stores also keep per-channel divisors in the manifest ("calibration", see `channel_scales`).
-  shards/NNNNN.json          the shard's record (bytes, sha256); written after the shard, so its presence
+  shards/NNNNN.json          the shard's record (bytes, sha256, seconds its target forwards and encoding
+                             took); written after the shard, so its presence
                              marks the shard finished
 
 TTT reads the final hidden state only at teacher rows: index t of a sample where t+1 is supervised
@@ -148,8 +150,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(root: Path, index: int, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """Write shard `index` to a temporary file, fsync, hash, rename into place, then its record."""
+def write_shard(root: Path, index: int, tensors: dict[str, Tensor], seconds: float) -> dict[str, Any]:
+    """Write shard `index` to a temporary file, fsync, hash, rename into place, then its record (with the
+    `seconds` its features took, so a store knows what it cost however many runs wrote it)."""
     from safetensors.torch import save_file
 
     final = root / shard_name(index)
@@ -161,7 +164,8 @@ def write_shard(root: Path, index: int, tensors: dict[str, Tensor]) -> dict[str,
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # as any file: a store is often shared
-    record = {"file": shard_name(index), "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+    record = {"file": shard_name(index), "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp),
+              "seconds": round(seconds, 3)}
     os.replace(tmp, final)
     write_json(final.with_suffix(".json"), record)
     return record
