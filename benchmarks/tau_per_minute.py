@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from draftforge.config import load_config
+from draftforge.features.store import FeatureStore
 from draftforge.train.checkpoint import list_checkpoints, trainer_state
 from draftforge.train.optim import wsd_decay_start
 from draftforge.train.tracking import read_metrics
@@ -47,13 +48,7 @@ def capture_minutes(run_dir: Path) -> float:
     """What the run's feature store cost to capture (0 for a run with the target online)."""
     checkpoints = list_checkpoints(run_dir)
     store = trainer_state(checkpoints[-1])["config"].get("features.store") if checkpoints else None
-    if not store:
-        return 0.0
-    manifest = json.loads((Path(store) / "manifest.json").read_text())
-    if manifest.get("capture_seconds") is None:
-        raise SystemExit(f"{store}: the store does not record its capture time (captured before it was "
-                         "recorded); capture it again into a new directory")
-    return manifest["capture_seconds"] / 60
+    return FeatureStore(store).capture_minutes if store else 0.0
 
 
 def curve(run_dir: Path) -> list[dict[str, float]]:
@@ -84,12 +79,12 @@ def budget_curve(config: str | None, overrides: list[str], budgets: list[float],
                  save_every: int) -> list[dict[str, float]]:
     """One WSD run for the longest budget, the shorter ones branched from its checkpoints; a point per
     budget at the end of its own decay (its final held-out evaluation)."""
-    from draftforge.features import capture
+    from draftforge.features.capture import capture
     from draftforge.train.command import train
 
-    if load_config(config, overrides).features.store:
-        capture.run(argparse.Namespace(config=config, overrides=overrides, verify=False, repair=False,
-                                       no_progress=False))
+    recipe = load_config(config, overrides)
+    if recipe.features.store:
+        print(capture(recipe))
 
     def run(name: str, extra: list[str], branch_from: Path | None = None) -> Path:
         cfg = load_config(config, [*overrides, "train.schedule=wsd", "train.eval_every=1000000000",

@@ -10,6 +10,7 @@ import pytest
 
 from draftforge import bundle, pipeline
 from draftforge.config import load_config
+from draftforge.features.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def test_run_refuses_a_target_this_machine_cannot_train(tmp_path):
 def test_run_row_trains_exports_and_writes_its_row(tmp_path, monkeypatch):
     """run_row = pipeline.train_export of the recipe on its data, then the measurements, into bundle/NAME.json."""
     calls = []
-    trained = {"tokens_trained": 600, "steps": 3, "final": {"tok_per_s": 10.0, "acc_0": 0.5}}
+    trained = {"capture_minutes": 0.5, "tokens_trained": 600, "steps": 3, "final": {"tok_per_s": 10.0, "acc_0": 0.5}}
 
     def train_export(*args):
         calls.append(args)
@@ -56,7 +57,7 @@ def test_run_row_trains_exports_and_writes_its_row(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bundle" / "smollm2-135m-dflash.json").read_text()) == row
     assert {k: v for k, v in row.items() if k not in ("hardware", "measured_at")} == {
         "recipe": "recipes/smollm2-135m-dflash.yaml", "data": data, "overrides": ["train.max_steps=3"],
-        "tokens_trained": 600, "steps": 3, "train_minutes": 1.0, "final": trained["final"],
+        "tokens_trained": 600, "steps": 3, "capture_minutes": 0.5, "train_minutes": 1.5, "final": trained["final"],
         "exported": "d/draft-dflash", "builtin": {"chain": {"tau": 1.5, "speedup": 1.0}}, "vllm": None,
         "eval": {"suite": "mtbench", "prompts": 2, "max_new_tokens": 16},
         "command": f"draftforge bundle --run smollm2-135m-dflash --out {tmp_path / 'out'} --eval-prompts 2 "
@@ -92,6 +93,13 @@ def test_pipeline_trains_exports_and_measures(tmp_path, tiny_target_dir, small_c
     assert set(measured) == {"chain", "tree"}
     for m in measured.values():
         assert m["tau"] >= 1.0 and m["speedup"] > 0 and m["ngram_tau"] >= 1.0  # the free baseline, same prompts
+
+
+def test_an_offline_recipe_is_captured_before_it_trains_and_its_minutes_count(tmp_path, tiny_target_dir,
+                                                                              small_conversations, isolated_cache):
+    config = _tiny_run(tmp_path, tiny_target_dir, small_conversations, f"features.store={tmp_path / 'store'}")
+    trained = pipeline.train(config, tmp_path, progress=False)
+    assert trained["steps"] == 3 and trained["capture_minutes"] == FeatureStore(tmp_path / "store").capture_minutes > 0
 
 
 def test_pipeline_exports_and_measures_a_dflash_draft_by_its_block(tmp_path, tiny_target_dir, small_conversations,

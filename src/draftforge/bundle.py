@@ -121,7 +121,9 @@ def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: 
         "hardware": f"{platform.machine()} CPU, 2 cores" if model == "smollm2" else "",
         "tokens_trained": trained["tokens_trained"],
         "steps": trained["steps"],
-        "train_minutes": round(trained["tokens_trained"] / trained["final"]["tok_per_s"] / 60, 1),
+        "capture_minutes": round(trained["capture_minutes"], 1),  # the feature store's, for an offline recipe
+        "train_minutes": round(trained["capture_minutes"]
+                               + trained["tokens_trained"] / trained["final"]["tok_per_s"] / 60, 1),
         "final": trained["final"],
         "exported": exported,
         "builtin": measure_builtin(exported, model, out, eval_prompts, max_new_tokens),

@@ -36,16 +36,25 @@ def train_export(recipe: str | Path | None, data: str | Path, out: Path, overrid
 
 
 def train(config: RunConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train (resuming from out/train when a run was stopped); returns the final metrics and where things are."""
+    """Train (resuming from out/train when a run was stopped), capturing `features.store` first where the
+    recipe trains offline; returns the final metrics, the capture's minutes and where things are."""
     from draftforge.train.command import train as run_training
     from draftforge.train.tracking import plot_tau_curve
 
+    capture_minutes = 0.0
+    if config.features.store:
+        from draftforge.features.capture import capture
+        from draftforge.features.store import FeatureStore
+
+        print(capture(config, progress=progress))
+        capture_minutes = FeatureStore(config.features.store).capture_minutes
     trainer, _ = run_training(config, progress)
     final = last_metrics(trainer.out / "metrics.jsonl")  # also right when the run had finished before
     curve = plot_tau_curve(trainer.out / "metrics.jsonl", out / "tau_curve.png")
     return {
         "checkpoint": str(trainer.out / "checkpoints"),
         "run_dir": str(trainer.out),
+        "capture_minutes": capture_minutes,
         "tokens_trained": trainer.tokens,
         "steps": trainer.step,
         "final": final,
@@ -67,9 +76,10 @@ def export(run_dir: str | Path, out: Path) -> dict[str, str]:
     """The engine layouts of the run's draft family, each passed through `export --check`: SGLang/vLLM
     and speculators for EAGLE-3; vLLM's qwen3_dflash (which SGLang reads too) for DFlash."""
     from draftforge.export.formats import check_draft_dir, export_draft, is_dflash_checkpoint, resolve_checkpoint
+    from draftforge.train.checkpoint import trainer_state
 
     ckpt = resolve_checkpoint(run_dir)
-    dflash = is_dflash_checkpoint(json.loads((ckpt / "trainer_state.json").read_text()))
+    dflash = is_dflash_checkpoint(trainer_state(ckpt))
     eagle3 = [("sglang", "draft-sglang"), ("speculators", "draft-speculators")]
     layouts = [("vllm", "draft-dflash")] if dflash else eagle3
     exported = {}

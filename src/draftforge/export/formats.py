@@ -28,6 +28,7 @@ from draftforge.layouts import (
     is_dflash,
 )
 from draftforge.target.base import DTYPES
+from draftforge.train.checkpoint import latest_checkpoint, trainer_state
 
 FORMATS = ("sglang", "vllm", "speculators")
 EAGLE3_ARCHS = {"LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM"}
@@ -131,8 +132,6 @@ def launch_readme(out: Path, fmt: str, target: str, steps: int = 3) -> str:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, or a run dir (its latest checkpoint)."""
-    from draftforge.train.checkpoint import latest_checkpoint
-
     path = Path(path)
     if (path / "model.safetensors").exists() and (path / "trainer_state.json").exists():
         return path
@@ -151,7 +150,7 @@ def export_draft(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bflo
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = trainer_state(ckpt)
     target = state.get("identity", {}).get("target_name") or state.get("identity", {}).get("target", "TARGET")
     weights = load_file(ckpt / "model.safetensors")
     if is_dflash_checkpoint(state):

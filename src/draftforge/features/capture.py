@@ -211,19 +211,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.verify and not args.repair:
+        return _verify_command(Path(_store(config)))
+    print(capture(config, args.repair, not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None))
+    return 0
+
+
+def _store(config: RunConfig) -> str:
     if not config.features.store:
         raise ConfigError("capture needs features.store=DIR (where the store is written)")
-    root = Path(config.features.store)
+    return config.features.store
+
+
+def capture(config: RunConfig, repair: bool = False, progress: bool = True) -> str:
+    """Write this rank's shards of `features.store` that are missing (and, with `repair`, those that fail
+    their check); returns the summary to print. A complete store costs only the loading of the target."""
+    root = Path(_store(config))
     rank, world, local_world = _ranks()
-    if args.verify and not args.repair:
-        return _verify_command(root)
 
     from draftforge.data.template import load_tokenizer
     from draftforge.data.tokenized import build_tokenized
     from draftforge.target.hf import HFTarget
 
     torch.set_num_threads(config.train.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
-    progress = not args.no_progress and os.environ.get("DRAFTFORGE_NO_PROGRESS") is None
     tokenizer = load_tokenizer(config.target.path)
     dataset = build_tokenized(config.data, tokenizer, config.target.path, progress=progress and rank == 0)
     target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, DTYPES[config.target.dtype],
@@ -240,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     for stale in (root / "shards").glob(".*.tmp-*") if (root / "shards").is_dir() else []:
         if int(stale.name[1:6]) in mine:  # a temporary shard of ours left by a killed capture
             stale.unlink(missing_ok=True)
-    if args.repair:
+    if repair:
         bad = {i: p for i, p in verify(root, mine).items() if p != "not captured yet"}
         for i, problem in bad.items():
             print(f"repair: {problem}; recomputing")
@@ -261,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
         write_shard(root, i, tensors, time.perf_counter() - started)
     bar.close()
     finalize(root, manifest)
-    print(_summary(root, manifest, len(todo), len(mine) - len(todo), tokens, time.perf_counter() - t0, rank, world))
-    return 0
+    return _summary(root, manifest, len(todo), len(mine) - len(todo), tokens, time.perf_counter() - t0, rank, world)
 
 
 def _verify_command(root: Path) -> int:

@@ -279,6 +279,15 @@ class FeatureStore:
         self._open: dict[int, _Shard] = {}
         self._lock = threading.Lock()
 
+    @property
+    def capture_minutes(self) -> float:
+        """What capturing the store cost (its shards' recorded seconds): a time budget counts it."""
+        seconds = self.manifest.get("capture_seconds")
+        if seconds is None:
+            raise StoreError(f"{self.root}: captured before stores recorded their capture time; capture "
+                             "again into a new directory to count it")
+        return seconds / 60
+
     def __len__(self) -> int:
         return len(self.lengths)
 
