@@ -41,7 +41,7 @@ def _plain(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if padded:
         logits, _ = runner.forward(ids, pos, cache, attend, pos, logits_to_keep=1)
     else:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
     outs: list[list[int]] = [[] for _ in prompts]
     rows = torch.arange(B, device=ids.device)
     eos = set(eos_token_ids)
@@ -64,7 +64,7 @@ def _plain(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: i
             pos = torch.cat([pos, q_pos], dim=1)
             logits, _ = runner.forward(tok[:, None], q_pos, cache, valid[:, None, :], pos)
         else:
-            logits = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=tok[:, None], cache=cache, use_cache=True).logits
 
 
 def eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:

@@ -69,7 +69,7 @@ class TargetRunner:
                 input_ids=ids,
                 attention_mask=self.mask(attend, q_pos, k_pos),
                 position_ids=q_pos,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
             )
