@@ -205,3 +205,25 @@ def test_an_epoch_with_fewer_token_budget_batches_than_the_first_wraps():
     epochs = {0: [[0], [1], [2]], 1: [[5, 6], [7]]}
     fake = SimpleNamespace(batches_per_epoch=3, _epoch_batches=epochs.__getitem__)
     assert [Trainer._positions(fake, n) for n in range(6)] == [[0], [1], [2], [5, 6], [7], [5, 6]]
+
+
+def test_eval_max_samples_caps_the_evaluations_not_the_held_out_split(tmp_path, tiny_target_dir, small_conversations,
+                                                                     isolated_cache):
+    """Evaluating a large held-out split costs minutes of a budget; the cap reads fewer samples while the
+    others stay out of training, and changing it does not block a resume."""
+    from draftforge.train.setup import build_training
+    from draftforge.train.trainer import config_changes, flat_config
+
+    def build(*extra: str):
+        return build_training(load_config(None, [
+            f"target.path={tiny_target_dir}", f"data.sources=[{small_conversations}]", "target.dtype=float32",
+            "data.max_length=128", "data.eval_fraction=0.5", "draft.draft_vocab_size=2000", "train.precision=fp32",
+            "train.max_steps=1", "train.threads=1", f"train.out_dir={tmp_path / 'run'}", *extra]))
+
+    full, capped = build(), build("train.eval_max_samples=2")
+    assert len(full.eval_set) > 2 and len(capped.eval_set) == 2
+    assert len(capped.train_set) == len(full.train_set)
+    assert list(capped.eval_set.lengths) == list(full.eval_set.lengths[:2])
+    assert config_changes(flat_config(full.config), flat_config(capped.config)) == []
+    with pytest.raises(ConfigError, match="eval_max_samples must be at least 1"):
+        build("train.eval_max_samples=0")

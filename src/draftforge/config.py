@@ -74,6 +74,7 @@ class TrainConfig:
     clip_grad: float = 0.5
     gradient_checkpointing: bool = False
     eval_every: int = 200
+    eval_max_samples: int | None = None  # held-out evaluations read at most this many (the rest stay untrained)
     save_every: int = 200
     keep_last: int = 2
     log_every: int = 10

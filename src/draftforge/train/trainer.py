@@ -41,8 +41,8 @@ from draftforge.train.ttt import TTTOutput, ttt_forward, ttt_metrics, ttt_object
 
 # Settings that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {
-    "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_last", "train.fsdp", "train.target_tp", "data.num_workers",
+    "train.out_dir", "train.threads", "train.log_every", "train.eval_every", "train.eval_max_samples",
+    "train.save_every", "train.keep_last", "train.fsdp", "train.target_tp", "data.num_workers",
 }
 # may change where the learning rates so far are the same (Trainer.same_rates_so_far)
 LENGTH_KEYS = ("train.max_steps", "train.epochs", "train.budget_minutes")
