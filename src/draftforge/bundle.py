@@ -25,7 +25,8 @@ START, END = "<!-- bundle:start -->", "<!-- bundle:end -->"
 # Recipes whose target runs on this machine: the model eval/bench load, and the data the row trains on.
 SMOLLM2 = {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
            "data": REGENERATED}
-TRAINABLE = {name: SMOLLM2 for name in ("smollm2-135m", "smollm2-135m-hour", "smollm2-135m-hour-offline", "smollm2-135m-dflash")}
+TRAINABLE = {name: SMOLLM2 for name in (
+    "smollm2-135m", "smollm2-135m-hour", "smollm2-135m-hour-offline", "smollm2-135m-dflash")}
 
 
 def results_dir() -> Path:
