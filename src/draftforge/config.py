@@ -180,6 +180,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         _apply(config, {section: {key: yaml.safe_load(raw)}}, f"override {item!r}")
+    if config.train.eval_max_samples is not None and config.train.eval_max_samples < 1:
+        raise ConfigError(f"train.eval_max_samples must be at least 1, got {config.train.eval_max_samples}")
     return resolve_auto(config)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draftforge.config import ConfigError, RunConfig, native_bf16
+from draftforge.config import RunConfig, native_bf16
 from draftforge.data.batch import Batch, collate
 from draftforge.data.split import split_eval
 from draftforge.draft.config import DraftModelConfig
@@ -114,10 +114,7 @@ def build_training(config: RunConfig) -> Trainer:
     tokenizer = load_tokenizer(config.target.path)
     dataset = build_tokenized(config.data, tokenizer, config.target.path, progress=ctx.main)
     train_idx, eval_idx = split_eval(list(dataset.ids), config.data.eval_fraction)
-    if config.train.eval_max_samples is not None:  # evaluations cost minutes of a budget on a large split
-        if config.train.eval_max_samples < 1:
-            raise ConfigError(f"train.eval_max_samples must be at least 1, got {config.train.eval_max_samples}")
-        eval_idx = eval_idx[: config.train.eval_max_samples]
+    eval_idx = eval_idx[: config.train.eval_max_samples]  # None: all; evaluations cost minutes of a budget
     train_set, eval_set = DatasetView(dataset, train_idx), DatasetView(dataset, eval_idx)
 
     dtype, store, taps = DTYPES[config.target.dtype], None, target_taps(config)
