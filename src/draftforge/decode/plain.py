@@ -23,9 +23,9 @@ def plain_generate(
 ) -> list[list[int]]:
     """New tokens for each prompt, decoded with an in-place KV cache (`slot_cache`).
 
-    Prompts of one length use the model's own masks (its fastest path). Ragged prompts are left
-    padded and get our 4D masks, in which every query sees itself (see `left_pad`). The linears run
-    on packed weights, as the speculative decoders' do (`packed.py`).
+    Prompts of one length need no mask (the fastest path). Ragged prompts are left padded and get our
+    4D masks, in which every query sees itself (see `left_pad`). The target runs as the speculative
+    decoders run it (`TargetRunner`), its linears on packed weights (`packed.py`).
     """
     with torch.no_grad(), packed_linears(model):
         return _plain(model, prompts, max_new_tokens, temperature, eos_token_ids, generator)
@@ -38,10 +38,7 @@ def _plain(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: i
     B = ids.shape[0]
     padded = not bool(valid.all())
     cache = slot_cache()
-    if padded:
-        logits, _ = runner.forward(ids, pos, cache, attend, pos, logits_to_keep=1)
-    else:
-        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits, _ = runner.forward(ids, pos, cache, attend if padded else None, pos, logits_to_keep=1)
     outs: list[list[int]] = [[] for _ in prompts]
     rows = torch.arange(B, device=ids.device)
     eos = set(eos_token_ids)
@@ -58,13 +55,10 @@ def _plain(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: i
             keep = torch.tensor(live, device=ids.device).nonzero()[:, 0]
             select_rows_cache(cache, keep)
             rows, tok, valid, pos = rows[keep], tok[keep], valid[keep], pos[keep]
-        if padded:
-            q_pos = pos[:, -1:] + 1
-            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-            pos = torch.cat([pos, q_pos], dim=1)
-            logits, _ = runner.forward(tok[:, None], q_pos, cache, valid[:, None, :], pos)
-        else:
-            logits = model(input_ids=tok[:, None], cache=cache, use_cache=True).logits
+        q_pos = pos[:, -1:] + 1
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+        pos = torch.cat([pos, q_pos], dim=1)
+        logits, _ = runner.forward(tok[:, None], q_pos, cache, valid[:, None, :] if padded else None, pos)
 
 
 def eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:

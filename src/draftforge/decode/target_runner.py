@@ -15,11 +15,15 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from draftforge.decode.lean_target import lean_forward, lean_supported
 from draftforge.target.hf import decoder_layers, text_config
 
 
 class TargetRunner:
     """An HF causal LM called with a DynamicCache, explicit positions and a 4D mask; aux taps by pre-hooks.
+
+    Llama-shaped families run `lean_forward` (the same math without HF's per-step overhead), every
+    other family HF's own forward.
 
     The mask is additive float (0 / dtype min): eager and sdpa attention both take it. Models with
     sliding-window layers get one mask per layer type (the dict their forward accepts); a
@@ -37,6 +41,7 @@ class TargetRunner:
             raise NotImplementedError(f"layer types {self.layer_types} are not supported by the built-in decoder")
         self.dtype = model.get_input_embeddings().weight.dtype
         self.device = model.get_input_embeddings().weight.device
+        self.lean = lean_supported(model)
         self._taps: dict[int, Tensor] = {}
 
     def _hook(self, index: int):
@@ -60,19 +65,19 @@ class TargetRunner:
         return {t: additive(sliding if t == "sliding_attention" else attend) for t in self.layer_types}
 
     def forward(
-        self, ids: Tensor, q_pos: Tensor, cache: DynamicCache, attend: Tensor, k_pos: Tensor, logits_to_keep: int = 0
+        self, ids: Tensor, q_pos: Tensor, cache: DynamicCache, attend: Tensor | None, k_pos: Tensor,
+        logits_to_keep: int = 0,
     ) -> tuple[Tensor, Tensor]:
-        """(logits [B, T or keep, V], aux [B, T, 3*H_t]); appends T entries to `cache`."""
+        """(logits [B, T or keep, V], aux [B, T, 3*H_t]); appends T entries to `cache`. `attend` None: every
+        query sees all keys before it (rows without holes: a single query, or a prefill into an empty cache)."""
+        if self.lean:
+            mask = None if attend is None else self.mask(attend, q_pos, k_pos)
+            logits, taps = lean_forward(self.model, ids, q_pos, cache, mask, self.aux_layers, logits_to_keep)
+            return logits, torch.cat(taps, dim=-1) if taps else ids.new_empty(0)
         handles = [self.layers[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in self.aux_layers]
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self.mask(attend, q_pos, k_pos),
-                position_ids=q_pos,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-            )
+            where = {} if attend is None else {"attention_mask": self.mask(attend, q_pos, k_pos), "position_ids": q_pos}
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep, **where)
         finally:
             for h in handles:
                 h.remove()
