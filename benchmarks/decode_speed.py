@@ -12,7 +12,9 @@ Both sides report the same fields, from end-to-end times that include each reque
 plain step = plain seconds / plain tokens; cycle = speculative seconds / cycles; cycle cost = cycle /
 plain step; speedup = speculative tok/s / plain tok/s = (tokens per cycle) / cycle cost. Each run is
 stored under its --label in benchmarks/results/decode_speed.json with the load average and thread
-count beside it: compare labels measured on one quiet machine only.
+count beside it: compare labels measured on one quiet machine only. Leave OMP_WAIT_POLICY unset: PASSIVE
+puts the OpenMP threads to sleep between ops, which makes a built-in decode step about 1.5x slower
+(each of a step's few hundred small ops wakes them again); the JSON records the policy.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {"hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
