@@ -86,6 +86,15 @@ def machine() -> dict[str, Any]:
             "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
+def save(out: Path, label: str, run: dict[str, Any]) -> dict[str, Any]:
+    """The results file with `run` stored under `label` (the other labels kept)."""
+    report = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    report["runs"][label] = run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draft", required=True, help="exported draft directory (EAGLE-3 or DFlash)")
@@ -118,12 +127,10 @@ def main() -> None:
                            "prompts": len(convs), "max_new_tokens": args.max_new_tokens, "machine": machine()}
     run["builtin"] = builtin(decoder, tokenizer, convs, spec, args.max_new_tokens)
     run["machine_after"] = machine()
+    report = save(args.out, args.label, run)  # kept should vLLM fail to start
     if args.vllm:
         run["vllm_cpu"] = vllm(args.draft, convs, spec, args.max_new_tokens)
-    report = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
-    report["runs"][args.label] = run
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+        report = save(args.out, args.label, run)
     print(f"{'label':16} {'engine':9} {'plain tok/s':>11} {'spec tok/s':>10} {'tau':>5} {'cycles':>6} "
           f"{'step ms':>8} {'cycle ms':>8} {'cost':>5} {'speedup':>7}")
     for label, r in report["runs"].items():

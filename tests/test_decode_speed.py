@@ -1,6 +1,7 @@
 """benchmarks/decode_speed.py: its rows count the tokens and cycles that decoding really produced, and
 derive the cycle cost and speedup from the measured times; the vLLM row comes from bench's entries."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -76,3 +77,11 @@ def test_vllm_row_reads_the_plain_and_the_chain_entries_of_bench(monkeypatch):
     assert seen == {"configs": ["1,0,0,0", "1,3,1,4"], "draft": "DIR", "engine": "vllm-cpu", "prompts": 2}
     assert row["cycle_cost"] == pytest.approx((12.0 / 80) / (20.0 / 200)) and row["tau"] == 2.5
     assert row["speedup"] == pytest.approx(20.0 / 12.0)
+
+
+def test_a_saved_run_keeps_the_other_labels(tmp_path):
+    module, out = _module(), tmp_path / "results" / "decode_speed.json"
+    module.save(out, "before", {"builtin": {"plain_tok_s": 1.0}})
+    report = module.save(out, "after", {"builtin": {"plain_tok_s": 2.0}})
+    assert report == json.loads(out.read_text())
+    assert list(report["runs"]) == ["before", "after"]
