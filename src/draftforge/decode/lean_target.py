@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
 from draftforge.decode.packed import fused_linears
+from draftforge.draft.model import apply_rope
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -33,11 +33,6 @@ def lean_supported(model: nn.Module) -> bool:
     layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     return (getattr(cfg, "model_type", None) in FAMILIES and layer_types == {"full_attention"}
             and not getattr(cfg, "use_sliding_window", False) and hasattr(model, "lm_head"))
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _norm(x: Tensor, norm: nn.Module) -> Tensor:
@@ -61,7 +56,7 @@ def lean_forward(
     base = model.model
     B, T = ids.shape
     x = base.embed_tokens(ids)
-    cos, sin = (c[:, None] for c in base.rotary_emb(x, q_pos))
+    cos, sin = base.rotary_emb(x, q_pos)
     causal = mask is None and T > 1
     taps: dict[int, Tensor] = {}
     for i, layer in enumerate(base.layers):
@@ -73,7 +68,7 @@ def lean_forward(
         v = v.transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = _norm(q, attn.q_norm), _norm(k, attn.k_norm)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         keys, values = cache.update(k, v, i)
         if causal and keys.shape[2] != T:
             raise ValueError("a causal forward without a mask needs an empty cache")
