@@ -311,6 +311,29 @@ def test_resume_cuts_a_half_written_line_and_skips_done_rows(tmp_path, stub):
     check_accounting(inp, out)
 
 
+def test_max_turns_cuts_conversations_and_exclude_skips_an_earlier_sets_ids(tmp_path, stub):
+    s = stub()
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations(8, turns=3))
+    earlier = write_jsonl(tmp_path / "earlier.jsonl", [{"id": "row0"}, {"id": "row5"}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        regenerate([inp], out, [s.url], Sampling("m"), FAST, ROTATION, progress=False,
+                   exclude=[tmp_path / "missing.jsonl"])
+    stats = regenerate([inp], out, [s.url], Sampling("m"), FAST, ROTATION, progress=False, max_turns=2,
+                       exclude=[earlier])
+    rows = read_rows(out)
+    assert stats.rows == 6 and stats.skipped == stats.excluded == 2 and not read_rows(errors_path(out))
+    assert sorted(r["id"] for r in rows) == [f"row{i}" for i in (1, 2, 3, 4, 6, 7)]
+    for row in rows:
+        roles = [t["role"] for t in row["conversations"] if t["role"] != "system"]
+        assert roles == ["user", "assistant"] * 2  # the third turn and any trailing question are cut
+        assert row["regenerated"]["max_turns"] == 2 and len(row["regenerated"]["turns"]) == 2
+        assert row["conversations"][-2]["content"].endswith(".1")  # the second user turn, verbatim
+    assert len(s.bodies) == 12
+    with pytest.raises(ValueError, match="max-turns 2"):
+        regenerate([inp], out, [s.url], Sampling("m"), FAST, ROTATION, resume=True, progress=False)
+
+
 def test_a_duplicate_id_reject_does_not_mark_the_first_row_done(tmp_path):
     from draftforge.data.conversations import Row, iter_conversations
     from draftforge.data.regenerate import plan

@@ -7,7 +7,10 @@ A draft learns to predict the target, so it should learn from the target's own a
 conversation is replayed turn by turn, keeping system and user messages and replacing every
 assistant message with the target's answer to the history so far (its own earlier answers
 included). A trailing user turn gets an answer too. `reasoning_content` is kept when the server
-returns it. Replay stops at the first tool call or tool result (there is no tool to run).
+returns it. Replay stops at the first tool call or tool result (there is no tool to run), and after
+`--max-turns` answers when given (an eval such as MT-bench asks two turns; later ones cost prompt
+tokens a short draft eval never sees). `--exclude` skips the ids of an earlier set, so a second run
+adds only new conversations.
 
 Reliability contract:
 - timeouts, dropped connections, malformed responses, 5xx, 408 and 429 are retried with
@@ -107,8 +110,9 @@ def _answer(response: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 async def regenerate_row(row: dict[str, Any], pool: ServerPool, sampling: Sampling, retry: Retry,
-                         headers: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The row with every assistant turn replaced by the target's answer; raises RowError."""
+                         headers: Mapping[str, str] | None = None, max_turns: int | None = None) -> dict[str, Any]:
+    """The row with every assistant turn replaced by the target's answer, cut after `max_turns` answers
+    when given; raises RowError."""
     history: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -119,6 +123,8 @@ async def regenerate_row(row: dict[str, Any], pool: ServerPool, sampling: Sampli
             break
         if turn["role"] == "assistant":
             continue  # replaced by the target's answer to the user turn before it
+        if turn["role"] == "user" and max_turns is not None and len(records) >= max_turns:
+            break
         out.append(turn)
         history.append({"role": turn["role"], "content": turn["content"]})
         if turn["role"] != "user":
@@ -146,7 +152,8 @@ async def regenerate_row(row: dict[str, Any], pool: ServerPool, sampling: Sampli
     result: dict[str, Any] = {"id": row["id"], "conversations": out}
     if row.get("tools"):
         result["tools"] = row["tools"]
-    result["regenerated"] = {"sampling": asdict(sampling), "turns": records, "stopped": stopped}
+    result["regenerated"] = {"sampling": asdict(sampling), "max_turns": max_turns, "turns": records,
+                             "stopped": stopped}
     return result
 
 
@@ -204,7 +211,8 @@ class RunStats:
     tokens: int = 0
     seconds: float = 0.0
     inputs: int = 0  # input records (rows and rejects) this run was given
-    skipped: int = 0  # already done by an earlier run (--resume)
+    skipped: int = 0  # already done by an earlier run (--resume) or excluded
+    excluded: int = 0  # of those, the rows whose id an --exclude file holds
     aborted: str | None = None
     servers: list[Server] = field(default_factory=list)
 
@@ -218,18 +226,21 @@ def _error_entry(item: Row | Reject, reason: str, message: str) -> dict[str, Any
     return {"id": row_id, "input": _location(item), "reason": reason, "message": message}
 
 
-def plan(items: list[Row | Reject], done_rows: list[dict], errors: list[dict]) -> list[Row | Reject]:
-    """The items still to do: rows whose id is in neither file, rejects whose input location is not in the errors.
+def plan(items: list[Row | Reject], done_rows: list[dict], errors: list[dict],
+         excluded: set[str] = frozenset()) -> list[Row | Reject]:  # fmt: skip
+    """The items still to do: rows whose id is in neither file nor `excluded`, rejects whose input location is
+    not in the errors.
 
     An input reject may carry the id of a good row (a duplicate id): it marks its location done, not the id."""
     done_ids = {r["id"] for r in done_rows} | {e["id"] for e in errors if not e["reason"].startswith("input_")}
+    done_ids |= excluded
     done_inputs = {e["input"] for e in errors if e["reason"].startswith("input_")}
     return [it for it in items if (it.data["id"] not in done_ids if isinstance(it, Row) else
                                    _location(it) not in done_inputs)]  # fmt: skip
 
 
 async def _regenerate(todo: list[Row | Reject], output: Path, pool: ServerPool, sampling: Sampling, retry: Retry,
-                      headers: Mapping[str, str], progress: bool, stats: RunStats) -> None:  # fmt: skip
+                      headers: Mapping[str, str], progress: bool, stats: RunStats, max_turns: int | None) -> None:
     from tqdm import tqdm
 
     out, err = Appender(output), Appender(errors_path(output))
@@ -246,7 +257,7 @@ async def _regenerate(todo: list[Row | Reject], output: Path, pool: ServerPool, 
                 stats.errors += 1
             else:
                 try:
-                    row = await regenerate_row(item.data, pool, sampling, retry, headers)
+                    row = await regenerate_row(item.data, pool, sampling, retry, headers, max_turns)
                 except (RequestFailed, RowError) as e:
                     err.write(_error_entry(item, e.reason, str(e)))
                     stats.errors += 1
@@ -280,9 +291,11 @@ async def _regenerate(todo: list[Row | Reject], output: Path, pool: ServerPool, 
 def regenerate(
     inputs: list[str | Path], output: str | Path, servers: list[str], sampling: Sampling, retry: Retry = Retry(),
     rotation: Rotation = Rotation(), *, resume: bool = False, retry_errors: bool = False, fmt: str = "auto",
-    max_rows: int | None = None, api_key: str | None = None, progress: bool = True,
+    max_rows: int | None = None, api_key: str | None = None, progress: bool = True, max_turns: int | None = None,
+    exclude: list[str | Path] = (),
 ) -> RunStats:  # fmt: skip
-    """Regenerate `inputs` into `output` (module docstring); FileExistsError when OUT exists without `resume`."""
+    """Regenerate `inputs` into `output` (module docstring); FileExistsError when OUT exists without `resume`.
+    Rows whose id is in an `exclude` file are skipped (counted as done before)."""
     output = Path(output)
     errs = errors_path(output)
     if not resume and (output.exists() or errs.exists()):
@@ -290,19 +303,28 @@ def regenerate(
     done_rows, errors = read_rows(output, repair=True), read_rows(errs, repair=True)
     if done_rows and (was := done_rows[0]["regenerated"]["sampling"]) != asdict(sampling):
         raise ValueError(f"{output} was regenerated with other options ({was}); resume with the same ones")
+    if done_rows and (was := done_rows[0]["regenerated"].get("max_turns")) != max_turns:
+        raise ValueError(f"{output} was regenerated with --max-turns {was}; resume with the same one")
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"--max-turns must be at least 1, got {max_turns}")
     if retry_errors and errors:
         errors = [e for e in errors if e["reason"].startswith("input_")]  # bad input stays bad
         errs.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     items = list(iter_conversations(inputs, fmt, max_rows))
-    todo = plan(items, done_rows, errors)
+    missing = [str(path) for path in exclude if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--exclude {', '.join(missing)}: no such file")
+    excluded = {row["id"] for path in exclude for row in read_rows(Path(path))}
+    todo = plan(items, done_rows, errors, excluded)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    stats = RunStats(inputs=len(items), skipped=len(items) - len(todo))
+    stats = RunStats(inputs=len(items), skipped=len(items) - len(todo),
+                     excluded=sum(isinstance(it, Row) and it.data["id"] in excluded for it in items))
 
     async def main() -> None:
         pool = ServerPool(servers, rotation)
         stats.servers = pool.servers
         try:
-            await _regenerate(todo, output, pool, sampling, retry, headers, progress, stats)
+            await _regenerate(todo, output, pool, sampling, retry, headers, progress, stats, max_turns)
         except AllServersDown as e:
             stats.aborted = str(e)
 
@@ -346,7 +368,7 @@ def format_summary(summary: dict[str, Any], stats: RunStats, output: Path) -> st
     s, lines = summary, []
     rate = f"{stats.rows / max(stats.seconds, 1e-9):.2f} rows/s, {stats.tokens / max(stats.seconds, 1e-9):.1f} tok/s"
     lines.append(f"this run: {stats.rows} rows, {stats.errors} errors, {stats.tokens} tokens in {stats.seconds:.1f}s "
-                 f"({rate}); {stats.skipped} done before")  # fmt: skip
+                 f"({rate}); {stats.skipped} done before" + (f" ({stats.excluded} excluded)" if stats.excluded else ""))
     lines.append(f"{output}: {s['rows']} rows, {s['answers']} answers, {s['completion_tokens']} completion tokens "
                  f"({s['prompt_tokens']} prompt tokens)")  # fmt: skip
     if s["length"]:
@@ -393,6 +415,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="reproducible sampling per row and turn")
     parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--max-rows", type=int, default=None, help="only the first N usable conversations")
+    parser.add_argument("--max-turns", type=int, default=None,
+                        help="answer at most N user turns per conversation, cutting the rest (default: all)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="DONE.jsonl",
+                        help="skip the ids of rows in this file (an earlier regenerated set); repeatable")
     parser.add_argument("--resume", action="store_true", help="continue OUT: skip rows in OUT and OUT.errors.jsonl")
     parser.add_argument("--retry-errors", action="store_true", help="with --resume: retry the rows in the errors file")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh")
@@ -426,8 +452,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats = regenerate(args.input, output, args.server, sampling, retry, rotation, resume=args.resume,
                            retry_errors=args.retry_errors, fmt=args.format, max_rows=args.max_rows,
-                           api_key=args.api_key, progress=not args.no_progress)  # fmt: skip
-    except (FileExistsError, ValueError) as e:
+                           api_key=args.api_key, progress=not args.no_progress, max_turns=args.max_turns,
+                           exclude=args.exclude)  # fmt: skip
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"draftforge regenerate: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
