@@ -41,7 +41,7 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,7 +292,7 @@ def regenerate(
     inputs: list[str | Path], output: str | Path, servers: list[str], sampling: Sampling, retry: Retry = Retry(),
     rotation: Rotation = Rotation(), *, resume: bool = False, retry_errors: bool = False, fmt: str = "auto",
     max_rows: int | None = None, api_key: str | None = None, progress: bool = True, max_turns: int | None = None,
-    exclude: list[str | Path] = (),
+    exclude: Sequence[str | Path] = (),
 ) -> RunStats:  # fmt: skip
     """Regenerate `inputs` into `output` (module docstring); FileExistsError when OUT exists without `resume`.
     Rows whose id is in an `exclude` file are skipped (counted as done before)."""
