@@ -296,6 +296,11 @@ def regenerate(
 ) -> RunStats:  # fmt: skip
     """Regenerate `inputs` into `output` (module docstring); FileExistsError when OUT exists without `resume`.
     Rows whose id is in an `exclude` file are skipped (counted as done before)."""
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"--max-turns must be at least 1, got {max_turns}")
+    missing = [str(path) for path in exclude if not Path(path).is_file()]
+    if missing:  # before the inputs are read: those may be a whole dataset
+        raise FileNotFoundError(f"--exclude {', '.join(missing)}: no such file")
     output = Path(output)
     errs = errors_path(output)
     if not resume and (output.exists() or errs.exists()):
@@ -305,15 +310,10 @@ def regenerate(
         raise ValueError(f"{output} was regenerated with other options ({was}); resume with the same ones")
     if done_rows and (was := done_rows[0]["regenerated"].get("max_turns")) != max_turns:
         raise ValueError(f"{output} was regenerated with --max-turns {was}; resume with the same one")
-    if max_turns is not None and max_turns < 1:
-        raise ValueError(f"--max-turns must be at least 1, got {max_turns}")
     if retry_errors and errors:
         errors = [e for e in errors if e["reason"].startswith("input_")]  # bad input stays bad
         errs.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     items = list(iter_conversations(inputs, fmt, max_rows))
-    missing = [str(path) for path in exclude if not Path(path).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--exclude {', '.join(missing)}: no such file")
     excluded = {row["id"] for path in exclude for row in read_rows(Path(path))}
     todo = plan(items, done_rows, errors, excluded)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
