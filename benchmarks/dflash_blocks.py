@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from draftforge.bundle import TRAINABLE, measured_rows
+from draftforge.bundle import checkout_paths, measured_rows, recipe_sources
 from draftforge.pipeline import CHAIN, block_chain, measure_builtin, measure_vllm, repo_root, train_export
 
 RECIPE = "smollm2-135m-dflash"
@@ -39,7 +39,7 @@ def block_configs(block: int) -> dict[str, str]:
 def measure_block(block: int, layers: int, out: Path, prompts: int, max_new_tokens: int, vllm: bool
                   ) -> dict[str, Any]:  # fmt: skip
     """Train (or resume), export and measure one block size and depth."""
-    trained, draft = train_export(repo_root() / "recipes" / f"{RECIPE}.yaml", repo_root() / TRAINABLE[RECIPE]["data"],
+    trained, draft = train_export(repo_root() / "recipes" / f"{RECIPE}.yaml", checkout_paths(recipe_sources(RECIPE)),
                                   out, [f"draft.block_size={block}", f"draft.num_layers={layers}"])
     final = trained["final"]
     return {

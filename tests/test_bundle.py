@@ -38,6 +38,15 @@ def test_run_refuses_a_target_this_machine_cannot_train(tmp_path):
         bundle.run_row("llama-3.3-70b-instruct", tmp_path, 1, 8, False, [])
 
 
+def test_a_row_trains_on_its_recipes_sources_from_any_working_directory(tmp_path, monkeypatch):
+    """Checkout files become absolute (the recipes write them relative to the checkout); packaged names stay."""
+    monkeypatch.chdir(tmp_path)
+    assert bundle.recipe_sources("smollm2-135m-hour-offline")[0] == "data/regenerated/smollm2-135m-sharegpt.jsonl"
+    sources = ["sharegpt", "data/regenerated/smollm2-135m-sharegpt.jsonl", "data/regenerated/missing.jsonl"]
+    assert bundle.checkout_paths(sources) == [
+        "sharegpt", ROOT / "data/regenerated/smollm2-135m-sharegpt.jsonl", "data/regenerated/missing.jsonl"]
+
+
 def test_run_row_trains_exports_and_writes_its_row(tmp_path, monkeypatch):
     """run_row = pipeline.train_export of the recipe on its data, then the measurements, into bundle/NAME.json."""
     calls = []
@@ -51,8 +60,8 @@ def test_run_row_trains_exports_and_writes_its_row(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "measure_builtin", lambda *a: {"chain": {"tau": 1.5, "speedup": 1.0}})
     monkeypatch.setattr(bundle, "results_dir", lambda: tmp_path / "bundle")
     row = bundle.run_row("smollm2-135m-dflash", tmp_path / "out", 2, 16, False, ["train.max_steps=3"])
-    data = bundle.TRAINABLE["smollm2-135m-dflash"]["data"]
-    assert calls == [(ROOT / "recipes" / "smollm2-135m-dflash.yaml", ROOT / data, tmp_path / "out",
+    data = ["data/regenerated/smollm2-135m-sharegpt.jsonl"]  # the recipe's sources, made absolute to train
+    assert calls == [(ROOT / "recipes" / "smollm2-135m-dflash.yaml", [ROOT / data[0]], tmp_path / "out",
                       ["train.max_steps=3"])]
     assert json.loads((tmp_path / "bundle" / "smollm2-135m-dflash.json").read_text()) == row
     assert {k: v for k, v in row.items() if k not in ("hardware", "measured_at")} == {
@@ -104,7 +113,7 @@ def test_an_offline_recipe_is_captured_before_it_trains_and_its_minutes_count(tm
 
 def test_pipeline_exports_and_measures_a_dflash_draft_by_its_block(tmp_path, tiny_target_dir, small_conversations,
                                                                   isolated_cache):
-    trained, draft = pipeline.train_export(None, small_conversations, tmp_path, _tiny(
+    trained, draft = pipeline.train_export(None, [small_conversations], tmp_path, _tiny(
         tiny_target_dir, "draft.family=dflash", "draft.block_size=5", "train.num_anchors=16"))
     assert trained["steps"] == 3 and Path(trained["run_dir"]) == tmp_path / "train"
     assert pipeline.export(trained["run_dir"], tmp_path) == {"vllm": draft}  # one layout: vLLM's qwen3_dflash

@@ -18,19 +18,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from draftforge.demo import REGENERATED
 from draftforge.pipeline import CHAIN, TREE, repo_root
 
 START, END = "<!-- bundle:start -->", "<!-- bundle:end -->"
-# Recipes whose target runs on this machine: the model eval/bench load, and the data the row trains on.
-SMOLLM2 = {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135,
-           "data": REGENERATED}
+# Recipes whose target runs on this machine: the model eval/bench load.
+SMOLLM2 = {"model": "smollm2", "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "params_b": 0.135}
 TRAINABLE = {name: SMOLLM2 for name in (
     "smollm2-135m", "smollm2-135m-hour", "smollm2-135m-hour-offline", "smollm2-135m-dflash")}
 
 
 def results_dir() -> Path:
     return repo_root() / "bundle"
+
+
+def recipe_sources(name: str) -> list[str]:
+    """recipes/NAME.yaml's data.sources as written: paths relative to the checkout, or a packaged name."""
+    from draftforge.config import load_recipe
+
+    return load_recipe(repo_root() / "recipes" / f"{name}.yaml")[0].data.sources
+
+
+def checkout_paths(sources: list[str]) -> list[str | Path]:
+    """Sources with the checkout's files made absolute, so a row trains on them from any working directory."""
+    return [repo_root() / s if (repo_root() / s).is_file() else s for s in sources]
 
 
 def measured_rows() -> dict[str, dict[str, Any]]:
@@ -113,8 +123,8 @@ def run_row(name: str, out: Path, eval_prompts: int, max_new_tokens: int, vllm: 
 
     if name not in TRAINABLE:
         raise SystemExit(f"bundle --run: {name} cannot be trained on this machine (trainable: {sorted(TRAINABLE)})")
-    model, data = TRAINABLE[name]["model"], TRAINABLE[name]["data"]
-    trained, exported = train_export(repo_root() / "recipes" / f"{name}.yaml", repo_root() / data, out, overrides)
+    model, data = TRAINABLE[name]["model"], recipe_sources(name)
+    trained, exported = train_export(repo_root() / "recipes" / f"{name}.yaml", checkout_paths(data), out, overrides)
     row = {
         "recipe": f"recipes/{name}.yaml",
         "data": data,

@@ -24,13 +24,14 @@ def repo_root() -> Path:
     raise FileNotFoundError("recipes/ not found: run from the draftforge checkout")
 
 
-def train_export(recipe: str | Path | None, data: str | Path, out: Path, overrides: Sequence[str] = ()
+def train_export(recipe: str | Path | None, data: Sequence[str | Path], out: Path, overrides: Sequence[str] = ()
                  ) -> tuple[dict[str, Any], str]:  # fmt: skip
-    """Train a recipe on `data` into out/train (`train`, resuming) with dotted `overrides`, and export it
-    (`export`): the training record and the exported directory vLLM serves (the family's first layout)."""
+    """Train a recipe on the `data` files into out/train (`train`, resuming) with dotted `overrides`, and
+    export it (`export`): the training record and the exported directory vLLM serves (the family's first layout)."""
     from draftforge.config import load_config
 
-    config = load_config(recipe, [f"data.sources=[{data}]", f"train.out_dir={out / 'train'}", *overrides])
+    sources = ",".join(map(str, data))
+    config = load_config(recipe, [f"data.sources=[{sources}]", f"train.out_dir={out / 'train'}", *overrides])
     trained = train(config, out)
     return trained, next(iter(export(trained["run_dir"], out).values()))
 
