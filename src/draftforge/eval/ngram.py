@@ -6,6 +6,10 @@ the tokens that followed the earliest earlier occurrence of the longest suffix n
 [min_n, max_n]), accept the prefix that equals what greedy decoding produced, advance past it and
 the bonus token. Cycles without a proposal do not count, as in vLLM's counters (τ = 1 +
 accepted / drafts).
+
+So lookup's τ is acceptance *when it proposes*, and it proposes in a minority of steps. The figure
+comparable with a draft's τ (a draft proposes at every step) is tokens per target forward, counting
+the steps where lookup found nothing and the target emitted one token alone: `per_forward`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class LookupStats:
     max_n: int
     drafts: int = 0
     accepted: list[int] = field(default_factory=list)
+    forwards: int = 0  # decode steps of the target, with or without a proposal
+    tokens: int = 0  # tokens those steps emitted
 
     def __post_init__(self) -> None:
         self.accepted = self.accepted or [0] * self.k
@@ -48,7 +54,9 @@ class LookupStats:
         longer than `emitted` to count that too (without it, τ can come out a little lower)."""
         tokens, pos = list(prompt) + list(output), len(prompt) + 1
         end = len(prompt) + (len(output) if emitted is None else emitted)
+        self.tokens += max(0, end - pos)
         while pos < end:
+            self.forwards += 1
             draft = propose(tokens[:pos], self.k, self.min_n, self.max_n)
             hit = 0
             while hit < len(draft) and pos + hit < len(tokens) and draft[hit] == tokens[pos + hit]:
@@ -63,8 +71,14 @@ class LookupStats:
     def tau(self) -> float:
         return 1.0 + sum(self.accepted) / max(1, self.drafts)
 
+    @property
+    def per_forward(self) -> float:
+        """Tokens per decode step of the target: what lookup buys, comparable with a draft's τ."""
+        return self.tokens / max(1, self.forwards) if self.forwards else 1.0
+
     def summary(self) -> dict[str, object]:
-        """τ and α_k (token k accepted given tokens < k accepted) for a results JSON."""
+        """τ and α_k (token k accepted given tokens < k accepted) for a results JSON, and per_forward."""
         alpha = [a / p if p else None for a, p in zip(self.accepted, [self.drafts, *self.accepted[:-1]], strict=True)]
         return {"accept_length": self.tau, "acceptance": alpha, "drafts": self.drafts, "k": self.k,
-                "min_n": self.min_n, "max_n": self.max_n}
+                "min_n": self.min_n, "max_n": self.max_n, "forwards": self.forwards,
+                "tokens_per_forward": self.per_forward}

@@ -34,17 +34,19 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def table(results: Results) -> str:
-    """One line per suite and config: τ, α_1..α_k, prompt lookup's τ on the same prompts, tokens/s
-    plain and speculative, speedup."""
-    head = ["suite", "config", "prompts", "tau", "alpha_k", "n-gram tau", "plain tok/s", "spec tok/s", "speedup",
-            "latency s"]
+    """One line per suite and config: τ, α_1..α_k, prompt lookup's τ on the same prompts and its tokens
+    per target forward (the figure comparable with the draft's τ, eval/ngram.py), tokens/s plain and
+    speculative, speedup."""
+    head = ["suite", "config", "prompts", "tau", "alpha_k", "n-gram tau", "n-gram tok/fwd", "plain tok/s",
+            "spec tok/s", "speedup", "latency s"]
     rows = [head]
     for suite, by_cfg in results.items():
         for key, r in by_cfg.items():
             alpha = " ".join(_fmt(a, ".2f") for a in r.get("acceptance") or [])
             rows.append([
                 suite, key, str(r.get("num_prompts", "")), _fmt(r.get("accept_length"), ".2f"), alpha or "-",
-                _fmt((r.get("ngram") or {}).get("accept_length"), ".2f"), _fmt(r.get("plain_throughput"), ".1f"),
+                _fmt((r.get("ngram") or {}).get("accept_length"), ".2f"),
+                _fmt((r.get("ngram") or {}).get("tokens_per_forward"), ".2f"), _fmt(r.get("plain_throughput"), ".1f"),
                 _fmt(r.get("throughput"), ".1f"), _fmt(r.get("speedup"), ".2f"), _fmt(r.get("latency"), ".2f"),
             ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
