@@ -39,6 +39,14 @@ def test_lookup_cell_gives_tokens_per_forward_where_measured():
     assert bundle._lookup({"tau": 1.4}) == "not measured"
 
 
+def test_a_report_from_before_lookups_forward_count_still_reads():
+    """A resumed demo or bundle reuses an eval report written before tokens_per_forward existed."""
+    entry = {"accept_length": 1.4, "speedup": 0.9, "ngram": {"accept_length": 2.8}}
+    assert pipeline._tau_speedup(entry) == {"tau": 1.4, "speedup": 0.9, "ngram_tau": 2.8}
+    entry["ngram"]["tokens_per_forward"] = 1.43
+    assert pipeline._tau_speedup(entry)["ngram_per_forward"] == 1.43
+
+
 def test_run_refuses_a_target_this_machine_cannot_train(tmp_path):
     with pytest.raises(SystemExit, match="cannot be trained on this machine"):
         bundle.run_row("llama-3.3-70b-instruct", tmp_path, 1, 8, False, [])

@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported       {exported['sglang']} (SGLang/vLLM), {exported['speculators']} (speculators)")
     for name, m in measured.items():
         print(f"MT-bench {name:<6} τ = {m['tau']:.2f}  speedup {m['speedup']:.2f}x (built-in decoder, this CPU)")
-    if "ngram_tau" in measured["chain"]:
-        chain = measured["chain"]
+    chain = measured["chain"]
+    if "ngram_per_forward" in chain:
         print(f"n-gram lookup  τ = {chain['ngram_tau']:.2f} when it proposes, {chain['ngram_per_forward']:.2f} tokens "
               f"per target forward on the same prompts (the free baseline; compare the latter with the draft's τ)")
     print(f"summary        {out / 'summary.json'}  ({summary['minutes']} min)")

@@ -172,5 +172,6 @@ def _tau_speedup(entry: dict[str, Any]) -> dict[str, float]:
     out = {"tau": round(entry["accept_length"], 3), "speedup": round(entry.get("speedup") or 0.0, 3)}
     if entry.get("ngram"):
         out["ngram_tau"] = round(entry["ngram"]["accept_length"], 3)
-        out["ngram_per_forward"] = round(entry["ngram"]["tokens_per_forward"], 3)
+        if "tokens_per_forward" in entry["ngram"]:  # absent from reports written before it was counted
+            out["ngram_per_forward"] = round(entry["ngram"]["tokens_per_forward"], 3)
     return out
