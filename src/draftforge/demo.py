@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"MT-bench {name:<6} τ = {m['tau']:.2f}  speedup {m['speedup']:.2f}x (built-in decoder, this CPU)")
     chain = measured["chain"]
     if "ngram_per_forward" in chain:
-        print(f"n-gram lookup  τ = {chain['ngram_tau']:.2f} when it proposes, {chain['ngram_per_forward']:.2f} tokens "
-              f"per target forward on the same prompts (the free baseline; compare the latter with the draft's τ)")
+        print(f"n-gram lookup  τ = {chain['ngram_tau']:.2f} where it drafts, {chain['ngram_per_forward']:.2f} "
+              "tokens per target forward: set the draft's τ against the latter (same prompts, the free baseline)")
     print(f"summary        {out / 'summary.json'}  ({summary['minutes']} min)")
     return 0
