@@ -74,7 +74,7 @@ class LookupStats:
     @property
     def per_forward(self) -> float:
         """Tokens per decode step of the target: what lookup buys, comparable with a draft's τ."""
-        return self.tokens / max(1, self.forwards) if self.forwards else 1.0
+        return self.tokens / self.forwards if self.forwards else 1.0
 
     def summary(self) -> dict[str, object]:
         """τ and α_k (token k accepted given tokens < k accepted) for a results JSON, and per_forward."""
