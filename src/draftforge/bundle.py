@@ -40,7 +40,8 @@ def recipe_sources(name: str) -> list[str]:
 
 def checkout_paths(sources: list[str]) -> list[str | Path]:
     """Sources with the checkout's files made absolute, so a row trains on them from any working directory."""
-    return [repo_root() / s if (repo_root() / s).is_file() else s for s in sources]
+    root = repo_root()
+    return [root / s if (root / s).is_file() else s for s in sources]
 
 
 def measured_rows() -> dict[str, dict[str, Any]]:

@@ -115,5 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if "ngram_per_forward" in chain:
         print(f"n-gram lookup  τ = {chain['ngram_tau']:.2f} where it drafts, {chain['ngram_per_forward']:.2f} "
               "tokens per target forward: set the draft's τ against the latter (same prompts, the free baseline)")
+    elif "ngram_tau" in chain:  # a report from before the forward count: its τ alone, as then
+        print(f"n-gram lookup  τ = {chain['ngram_tau']:.2f} on the same prompts (the free baseline)")
     print(f"summary        {out / 'summary.json'}  ({summary['minutes']} min)")
     return 0

@@ -43,10 +43,11 @@ def table(results: Results) -> str:
     for suite, by_cfg in results.items():
         for key, r in by_cfg.items():
             alpha = " ".join(_fmt(a, ".2f") for a in r.get("acceptance") or [])
+            lookup = r.get("ngram") or {}
             rows.append([
                 suite, key, str(r.get("num_prompts", "")), _fmt(r.get("accept_length"), ".2f"), alpha or "-",
-                _fmt((r.get("ngram") or {}).get("accept_length"), ".2f"),
-                _fmt((r.get("ngram") or {}).get("tokens_per_forward"), ".2f"), _fmt(r.get("plain_throughput"), ".1f"),
+                _fmt(lookup.get("accept_length"), ".2f"), _fmt(lookup.get("tokens_per_forward"), ".2f"),
+                _fmt(r.get("plain_throughput"), ".1f"),
                 _fmt(r.get("throughput"), ".1f"), _fmt(r.get("speedup"), ".2f"), _fmt(r.get("latency"), ".2f"),
             ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
