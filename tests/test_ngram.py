@@ -54,8 +54,9 @@ def test_no_draft_no_cycle():
     assert (stats.forwards, stats.tokens, stats.per_forward) == (2, 2, 1.0)  # a forward per token after prefill
 
 
-def test_eval_reports_lookup_tau_of_the_greedy_answers(tiny_target_dir, smollm2_tokenizer):
-    """evaluate_suite's n-gram τ is the replay of plain greedy decoding on the same prompts."""
+def test_eval_reports_lookup_tau_and_vocab_coverage_of_the_greedy_answers(tiny_target_dir, smollm2_tokenizer):
+    """evaluate_suite's n-gram τ is the replay of plain greedy decoding on the same prompts, and its vocab
+    coverage the share of those tokens among the draft's ids."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,8 +74,13 @@ def test_eval_reports_lookup_tau_of_the_greedy_answers(tiny_target_dir, smollm2_
     result = evaluate_suite(decoder, smollm2_tokenizer, convs, SpecConfig(1, 3, 1, 4), 24, progress=False,
                             ngram=(1, 3))
     expected = LookupStats(k=3, min_n=1, max_n=3)
+    in_vocab = total = 0
     for conv in convs:
         prompt = render(smollm2_tokenizer, conv, [])
-        expected.add(prompt, plain_generate(model, [prompt], 24, eos_token_ids=eos_ids(smollm2_tokenizer, model))[0])
+        answer = plain_generate(model, [prompt], 24, eos_token_ids=eos_ids(smollm2_tokenizer, model))[0]
+        expected.add(prompt, answer)
+        in_vocab += sum(t in set(decoder.draft_ids.tolist()) for t in answer)
+        total += len(answer)
     assert expected.drafts > 0 and result["greedy_match"] == 1.0
     assert result["ngram"] == expected.summary()
+    assert 0 < in_vocab < total and result["vocab_coverage"] == in_vocab / total  # 2,000 of the target's ids

@@ -70,12 +70,12 @@ def test_render_multi_turn_with_smollm2_template(smollm2_tokenizer):
 def test_report_table_and_chart(tmp_path):
     results = {"mtbench": {"1,3,1,4": {"num_prompts": 2, "accept_length": 2.5, "acceptance": [0.8, 0.6, None],
                                        "throughput": 30.0, "plain_throughput": 20.0, "speedup": 1.5,
-                                       "latency": 0.5,
+                                       "latency": 0.5, "vocab_coverage": 0.912,
                                        "ngram": {"accept_length": 2.75, "tokens_per_forward": 1.25}}}}  # fmt: skip
     text = report.table(results)
     assert "2.50" in text and "0.80 0.60 -" in text and "1.50" in text
     header, _, row = text.splitlines()
-    assert "n-gram tau  n-gram tok/fwd" in header and row.split()[7:9] == ["2.75", "1.25"]
+    assert "in vocab  n-gram tau  n-gram tok/fwd" in header and row.split()[7:10] == ["91.2%", "2.75", "1.25"]
     path = report.write_json(tmp_path / "r.json", {"target": "t"}, results)
     assert report.load_json(path) == ({"target": "t"}, results)
     assert report.plot(results, tmp_path / "r.png").stat().st_size > 1000

@@ -1,5 +1,6 @@
 """One decoder config over one prompt suite: plain and speculative decoding side by side (τ, α_k,
-tokens/s, speedup, greedy match) and n-gram prompt lookup's τ on the same prompts; `warm_up` first."""
+tokens/s, speedup, greedy match), n-gram prompt lookup's τ on the same prompts, and the share of the
+answers' tokens the draft vocabulary holds (a token outside it is never accepted); `warm_up` first."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def evaluate_suite(
     stats = SpecStats(steps=spec.steps)
     lookup = LookupStats(spec.steps, *ngram) if temperature <= 0 else None
     plain_s = spec_s = 0.0
-    plain_tok = spec_tok = prompts_done = matches = 0
+    plain_tok = spec_tok = prompts_done = matches = in_vocab = 0
+    draft_ids = decoder.draft_ids.cpu()
     latencies: list[float] = []
     total = sum(len(c.turns) for c in conversations)
     bar = tqdm(total=total, desc=desc or spec.key, unit="prompt", disable=not progress, dynamic_ncols=True)
@@ -77,6 +79,7 @@ def evaluate_suite(
             stats.merge(out.stats)
             for i, prompt, toks in zip(idx, prompts, out.tokens, strict=True):
                 answers[i].append(tokenizer.decode(toks, skip_special_tokens=True))
+                in_vocab += int(torch.isin(torch.tensor(toks, dtype=torch.long), draft_ids).sum())
                 if lookup is not None:
                     lookup.add(prompt, toks)
             prompts_done += len(idx)
@@ -95,6 +98,7 @@ def evaluate_suite(
         "draft_tokens": spec.draft_tokens,
         "num_prompts": prompts_done,
         "new_tokens": spec_tok,
+        "vocab_coverage": in_vocab / max(1, spec_tok),  # of the answers' tokens, those the draft can propose
         "cycles": stats.cycles,
         "accept_length": stats.tau if stats.cycles else 1.0,
         "acceptance": [None if math.isnan(a) else a for a in stats.alpha],

@@ -34,10 +34,11 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def table(results: Results) -> str:
-    """One line per suite and config: τ, α_1..α_k, prompt lookup's τ on the same prompts and its tokens
+    """One line per suite and config: τ, α_1..α_k, the share of answer tokens in the draft vocabulary,
+    prompt lookup's τ on the same prompts and its tokens
     per target forward (the figure comparable with the draft's τ, eval/ngram.py), tokens/s plain and
     speculative, speedup."""
-    head = ["suite", "config", "prompts", "tau", "alpha_k", "n-gram tau", "n-gram tok/fwd", "plain tok/s",
+    head = ["suite", "config", "prompts", "tau", "alpha_k", "in vocab", "n-gram tau", "n-gram tok/fwd", "plain tok/s",
             "spec tok/s", "speedup", "latency s"]
     rows = [head]
     for suite, by_cfg in results.items():
@@ -46,6 +47,7 @@ def table(results: Results) -> str:
             lookup = r.get("ngram") or {}
             rows.append([
                 suite, key, str(r.get("num_prompts", "")), _fmt(r.get("accept_length"), ".2f"), alpha or "-",
+                _fmt(r.get("vocab_coverage"), ".1%"),
                 _fmt(lookup.get("accept_length"), ".2f"), _fmt(lookup.get("tokens_per_forward"), ".2f"),
                 _fmt(r.get("plain_throughput"), ".1f"),
                 _fmt(r.get("throughput"), ".1f"), _fmt(r.get("speedup"), ".2f"), _fmt(r.get("latency"), ".2f"),
