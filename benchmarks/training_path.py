@@ -1,7 +1,9 @@
 """The whole training path of the demo recipe (recipes/smollm2-135m.yaml, data/regenerated/), in one run:
 online training tokens/s (and its target-forward / draft-step split), capture tokens/s, training from the
 captured store tokens/s, and a plain target forward (transformers' decoder with the batch's attention
-mask, no hooks' work) on the same batches as online training and as capture.
+mask, no hooks' work) on the same batches as online training and as capture. It also bounds the target
+forward from above (its linear layers' FLOPs at this machine's GEMM rate on their shapes, timed in the
+same run), and so online training with today's draft step.
 
     python benchmarks/training_path.py                          # 96 conversations, 4 timed steps per mode
     python benchmarks/training_path.py --quick                  # 32 conversations, 2 steps: a smoke run
@@ -88,6 +90,26 @@ def time_plain_forward(target, batches: list) -> float:
     return sum(b.tokens for b in batches) / (time.perf_counter() - t0)
 
 
+def forward_roofline(target, batch) -> dict:
+    """The most tokens/s any implementation of the plain forward can reach here: the FLOPs of its linear
+    layers per token (attention, norms and activations taken as free) at this machine's GEMM rate on
+    exactly those matmul shapes, measured now. A lower bound on the work, so an upper bound on speed."""
+    import torch
+    from train_step import count_step, gemm_rate
+
+    from draftforge.target.hf import decoder
+
+    base = decoder(target.model)
+    with torch.no_grad():
+        _, gemms = count_step(lambda: base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                           use_cache=False))
+    linears = {shape: n for shape, n in gemms.items() if shape[0] == 1}  # 2-D matmuls: the linear layers
+    flops = sum(n * 2.0 * m * k * cols for (_, m, k, cols, _), n in linears.items())
+    per_token = flops / batch.input_ids.numel()  # every linear runs at every position, padding included
+    rate = gemm_rate(linears)
+    return {"linear_gflop_per_token": per_token / 1e9, "gemm_gflops": rate, "max_tok_s": rate * 1e9 / per_token}
+
+
 def capture_batches(config, manifest: dict) -> list:
     """The batches capture ran: each shard's samples longest first, packed under features.capture_tokens."""
     import numpy as np
@@ -127,6 +149,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(threads)
     target = HFTarget.from_pretrained(config.target.path, config.target.aux_layers, DTYPES[config.target.dtype])
     res["plain_forward_online_batches"] = time_plain_forward(target, seen)
+    res["forward_roofline"] = forward_roofline(target, max(seen, key=lambda b: b.tokens))
 
     store = work / "store"
     out = io.StringIO()
@@ -157,6 +180,19 @@ def run_child(spec: dict, src: Path) -> dict:
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"child ({src}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def roofline_summary(r: dict) -> str:
+    """How far the online figure can move: the target forward against its matmul bound, and online training
+    with that bound and today's draft step (one run's figures, so one load)."""
+    roof = r["forward_roofline"]
+    bound = 1 / (1 / roof["max_tok_s"] + 1 / r["online_draft"])
+    return (f"target forward: {roof['linear_gflop_per_token']:.3f} GFLOP/token in its linear layers; at this "
+            f"machine's GEMM rate on their shapes ({roof['gemm_gflops']:,.0f} GFLOP/s) no forward exceeds "
+            f"{roof['max_tok_s']:,.0f} tok/s; the plain forward ran {r['plain_forward_online_batches']:,.0f} "
+            f"({r['plain_forward_online_batches'] / roof['max_tok_s']:.0%} of that)\n"
+            f"online training with that forward and today's draft step ({r['online_draft']:,.0f} tok/s): at most "
+            f"{bound:,.0f} tok/s, {bound / r['online']:.2f}x today's {r['online']:,.0f}")
 
 
 def main() -> None:
@@ -203,6 +239,7 @@ def main() -> None:
         print(line)
     ratio = best["this"]["capture"] / best["this"]["plain_forward_capture_batches"]
     print(f"capture / plain forward on its batches: {ratio:.2f}x")
+    print(roofline_summary(runs["this"][-1]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spec": spec, "sources": {k: str(v) for k, v in sources.items()}, "runs": runs,
                                     "best": best, "relative_to_plain_forward": relative,
