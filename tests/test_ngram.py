@@ -75,11 +75,12 @@ def test_eval_reports_lookup_tau_and_vocab_coverage_of_the_greedy_answers(tiny_t
                             ngram=(1, 3))
     expected = LookupStats(k=3, min_n=1, max_n=3)
     in_vocab = total = 0
+    draft_ids = set(decoder.draft_ids.tolist())
     for conv in convs:
         prompt = render(smollm2_tokenizer, conv, [])
         answer = plain_generate(model, [prompt], 24, eos_token_ids=eos_ids(smollm2_tokenizer, model))[0]
         expected.add(prompt, answer)
-        in_vocab += sum(t in set(decoder.draft_ids.tolist()) for t in answer)
+        in_vocab += sum(t in draft_ids for t in answer)
         total += len(answer)
     assert expected.drafts > 0 and result["greedy_match"] == 1.0
     assert result["ngram"] == expected.summary()

@@ -35,9 +35,8 @@ def _fmt(x: Any, spec: str) -> str:
 
 def table(results: Results) -> str:
     """One line per suite and config: τ, α_1..α_k, the share of answer tokens in the draft vocabulary,
-    prompt lookup's τ on the same prompts and its tokens
-    per target forward (the figure comparable with the draft's τ, eval/ngram.py), tokens/s plain and
-    speculative, speedup."""
+    prompt lookup's τ on the same prompts and its tokens per target forward (the figure comparable with
+    the draft's τ, eval/ngram.py), tokens/s plain and speculative, speedup."""
     head = ["suite", "config", "prompts", "tau", "alpha_k", "in vocab", "n-gram tau", "n-gram tok/fwd", "plain tok/s",
             "spec tok/s", "speedup", "latency s"]
     rows = [head]
